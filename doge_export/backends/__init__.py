@@ -1,0 +1,1 @@
+"""One runner per backend, same small interface (see base.py)."""
