@@ -1,0 +1,105 @@
+"""Which Doge code generation a checkpoint was written by, decided from its weights.
+
+`model_type` is "doge" in every generation, so names and shapes are the only evidence
+(facts/doge-variants.md §2, §7.1). Detection never guesses: an unknown layout is refused with
+the evidence that was found.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import DogeExportError
+
+# generation name -> (dates, what it is); the export status lives in SUPPORTED
+GENERATIONS = {
+    "native": ("2025-08 ->", "transformers DogeForCausalLM: q/k-norm, A and dt_proj per KV head"),
+    "g4-jun2025": ("2025-06 .. 2025-08", "native names, no q/k-norm, A and dt_proj per query head"),
+    "g3-feb2025": ("2025-02 .. 2025-06", "pre_layernorm/feed_forward names, single-router CDMoE"),
+    "g2-jan2025": ("2024-12 .. 2025-02", "pre_layernorm/feed_forward names, multi-head product-key CDMoE"),
+    "g1-binary-mask": ("2024-12", "first Doge-20M-Instruct: MHA, binary dynamic mask"),
+    "g0-inner-func": ("2024-11 .. 2024-12", "inner-function attention (v_queries/v_keys/v_embed)"),
+}
+SUPPORTED = {"native"}
+
+
+@dataclass(frozen=True)
+class Detection:
+    generation: str
+    evidence: tuple[str, ...]
+
+
+def _has(keys, fragment: str) -> bool:
+    return any(fragment in k for k in keys)
+
+
+def _first(shapes: dict[str, tuple[int, ...]], suffix: str):
+    for name, shape in shapes.items():
+        if name.endswith(suffix):
+            return name, shape
+    return None, None
+
+
+def _legacy_names_generation(keys, evidence: list[str]) -> str | None:
+    """Generations G0-G3, recognised by their pre-native parameter names."""
+    if _has(keys, "attn.v_queries") or _has(keys, "attn.v_embed"):
+        evidence.append("inner-function value retrieval weights (attn.v_queries / attn.v_embed)")
+        return "g0-inner-func"
+    if _has(keys, "pre_sequence_layernorm") or _has(keys, "post_sequence_residual"):
+        evidence.append("pre_sequence_layernorm / post_sequence_residual names")
+        return "g1-binary-mask"
+    if _has(keys, "pre_layernorm") or _has(keys, "pre_residual.weight"):
+        evidence.append("pre_layernorm / pre_residual.weight names")
+        if _has(keys, "feed_forward.router_gate"):
+            evidence.append("single CDMoE router (feed_forward.router_gate)")
+            return "g3-feb2025"
+        if _has(keys, "feed_forward.queries"):
+            evidence.append("multi-head product-key CDMoE (feed_forward.queries)")
+            return "g2-jan2025"
+        evidence.append("dense MLP: the Jan-2025 and Feb-2025 dense layouts compute the same graph")
+        return "g2-jan2025"
+    return None
+
+
+def _native_names_generation(shapes, config: dict, evidence: list[str]) -> str | None:
+    """Native-named checkpoints: native (q/k-norm, A per KV head) or G4 (no norm, A per head)."""
+    if not _has(shapes, "self_attn.A") or not _has(shapes, "input_residual"):
+        return None
+    heads = config.get("num_attention_heads")
+    kv = config.get("num_key_value_heads") or heads
+    _, a_shape = _first(shapes, "self_attn.A")
+    has_norm = _has(shapes, "self_attn.q_norm.weight") and _has(shapes, "self_attn.k_norm.weight")
+    evidence.append(f"native names; q_norm/k_norm {'present' if has_norm else 'absent'}")
+    evidence.append(f"self_attn.A shape {list(a_shape)} (heads {heads}, KV heads {kv})")
+    if has_norm and a_shape == (kv,):
+        return "native"
+    if not has_norm and a_shape == (heads,):
+        return "g4-jun2025"
+    return None
+
+
+def detect_generation(shapes: dict[str, tuple[int, ...]], config: dict) -> Detection:
+    """shapes: parameter name -> shape, as stored in the checkpoint; config: its config.json."""
+    evidence: list[str] = []
+    keys = list(shapes)
+    name = _legacy_names_generation(keys, evidence) or _native_names_generation(shapes, config, evidence)
+    if name is None:
+        sample = ", ".join(sorted(keys)[:8])
+        raise DogeExportError(
+            "unknown Doge weight layout: it matches no known generation "
+            f"(evidence: {'; '.join(evidence) or 'none'}; first keys: {sample}). "
+            "Refusing to guess; please open an issue with the checkpoint's key list."
+        )
+    return Detection(name, tuple(evidence))
+
+
+def require_supported(detection: Detection) -> None:
+    if detection.generation in SUPPORTED:
+        return
+    dates, what = GENERATIONS[detection.generation]
+    raise DogeExportError(
+        f"this checkpoint is the legacy '{detection.generation}' Doge generation ({dates}: {what}); "
+        f"evidence: {'; '.join(detection.evidence)}. Exporting it with the native graph would give "
+        "wrong logits, and legacy generations are not supported by this version yet. "
+        "Use a checkpoint saved by transformers' native DogeForCausalLM."
+    )

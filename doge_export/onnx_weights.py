@@ -1,0 +1,115 @@
+"""One weights file for both graphs: deduplicate initializers by content, name them once.
+
+The exporter writes each graph with its own copies of the weights (and, for TorchScript, names
+like `onnx::MatMul_123`). Here every initializer above a small size is hashed; equal tensors get
+one canonical name in both graphs and one region of `weights.bin`, so prefill and step share the
+file on disk and a runtime can share one in-memory copy (ONNX Runtime: add_initializer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import onnx
+from onnx import TensorProto
+
+INLINE_LIMIT = 1024  # bytes: smaller constants stay inside the graph
+ALIGN = 64  # bytes: every tensor starts on a 64-byte boundary (mmap- and SIMD-friendly)
+
+
+def _raw_bytes(tensor: TensorProto) -> bytes:
+    if tensor.HasField("raw_data"):
+        return tensor.raw_data
+    return onnx.numpy_helper.to_array(tensor).tobytes()
+
+
+def _content_key(tensor: TensorProto, data: bytes) -> tuple:
+    return (tensor.data_type, tuple(tensor.dims), hashlib.sha256(data).hexdigest())
+
+
+def _rename_inputs(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in renames:
+                node.input[i] = renames[name]
+        for attr in node.attribute:  # subgraphs (If/Loop) may read initializers too
+            if attr.type == onnx.AttributeProto.GRAPH:
+                _rename_inputs(attr.g, renames)
+    for out in graph.output:
+        if out.name in renames:
+            raise AssertionError(f"initializer {out.name} is a graph output")
+
+
+def _canonical_name(name: str, taken: set[str]) -> str:
+    base = name if not name.startswith("onnx::") else "weight"
+    candidate, n = base, 0
+    while candidate in taken:
+        n += 1
+        candidate = f"{base}.{n}"
+    return candidate
+
+
+def share_weights(models: dict[str, onnx.ModelProto], out_dir: Path, file_name: str = "weights.bin") -> dict:
+    """Move the large initializers of all `models` into one deduplicated external file.
+
+    Mutates the models (initializers become external references); returns stats.
+    """
+    regions: dict[tuple, tuple[str, int, int]] = {}  # content key -> (name, offset, length)
+    tensors = []  # the manifest's listing: what a runtime needs to map the file itself
+    taken: set[str] = set()
+    offset = 0
+    with open(out_dir / file_name, "wb") as f:
+        for model in models.values():
+            renames = {}
+            for tensor in model.graph.initializer:
+                data = _raw_bytes(tensor)
+                if len(data) < INLINE_LIMIT:
+                    continue
+                key = _content_key(tensor, data)
+                if key not in regions:
+                    pad = (-offset) % ALIGN
+                    f.write(b"\0" * pad)
+                    offset += pad
+                    f.write(data)
+                    regions[key] = (_canonical_name(tensor.name, taken), offset, len(data))
+                    taken.add(regions[key][0])
+                    tensors.append(_listing(tensor, *regions[key]))
+                    offset += len(data)
+                name, start, length = regions[key]
+                if tensor.name != name:
+                    renames[tensor.name] = name
+                tensor.name = name
+                _make_external(tensor, file_name, start, length)
+            _rename_inputs(model.graph, renames)
+            _dedupe_initializer_list(model.graph)
+    return {"file": file_name, "bytes": offset, "tensors": tensors}
+
+
+def _listing(tensor: TensorProto, name: str, offset: int, length: int) -> dict:
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).name
+    if tensor.data_type == TensorProto.BFLOAT16:
+        dtype = "bfloat16"
+    return {"name": name, "dtype": dtype, "shape": list(tensor.dims), "offset": offset, "length": length}
+
+
+def _make_external(tensor: TensorProto, location: str, offset: int, length: int) -> None:
+    tensor.ClearField("raw_data")
+    for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+        tensor.ClearField(field)
+    del tensor.external_data[:]
+    for k, v in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = k, v
+    tensor.data_location = TensorProto.EXTERNAL
+
+
+def _dedupe_initializer_list(graph: onnx.GraphProto) -> None:
+    """Within one graph, equal tensors now share a name: keep one initializer per name."""
+    seen, keep = set(), []
+    for tensor in graph.initializer:
+        if tensor.name not in seen:
+            seen.add(tensor.name)
+            keep.append(tensor)
+    del graph.initializer[:]
+    graph.initializer.extend(keep)

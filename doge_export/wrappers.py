@@ -1,0 +1,271 @@
+"""Export wrappers: Doge's forward on explicit tensors, with the bounded keep-window state.
+
+Both wrappers reuse transformers' modules and weights (norms, projections, MLP/CDMoE) and own only
+what tracing would get wrong: attention with the dynamic mask and its keep-window, dynamic NTK
+RoPE computed from the positions, and the state (DESIGN §3).
+
+State per layer i (C slots, G KV heads, D head dim):
+  key [B,G,C,D], value [B,G,C,D]  (key after k_norm and RoPE, raw value: what the cache holds)
+  bias [B,G,C] float32-like       exp(A*softplus(dt_proj(v))) of the slot; dtype-min = empty
+  position [B,G,C] int64          position id of the slot's token; -1 = empty
+Tie rule (DESIGN §3): among equal biases the earlier position wins a place in the window.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EMPTY_POSITION = -1
+
+
+def min_value(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).min
+
+
+class RotaryFromPositions(nn.Module):
+    """cos/sin [B,S,D] from position_ids [B,S], dynamic NTK computed in the graph.
+
+    Matches transformers' dynamic_rope_update on a fresh model during generate(): the base is
+    rescaled from max(position_ids)+1 over the whole batch once that exceeds max_position_embeddings.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        params = config.rope_parameters
+        self.dynamic = params.get("rope_type", "default") == "dynamic"
+        self.theta = float(params["rope_theta"])
+        self.factor = float(params.get("factor", 1.0))
+        self.max_pos = int(config.max_position_embeddings)
+        self.dim = config.hidden_size // config.num_attention_heads
+        exponents = torch.arange(0, self.dim, 2, dtype=torch.int64).float() / self.dim
+        self.register_buffer("exponents", exponents, persistent=False)
+
+    def inv_freq(self, position_ids: torch.Tensor) -> torch.Tensor:
+        if not self.dynamic:
+            return 1.0 / (self.theta**self.exponents)
+        seq_len = torch.clamp(position_ids.max() + 1, min=self.max_pos)
+        scale = (self.factor * seq_len / self.max_pos) - (self.factor - 1)
+        base = self.theta * scale ** (self.dim / (self.dim - 2))
+        return 1.0 / (base**self.exponents)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        freqs = position_ids[..., None].float() * self.inv_freq(position_ids)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [B,heads,S,D]; cos/sin [B,S,D]
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+def project_qkv(attn, x: torch.Tensor, cos, sin):
+    """x [B,S,hidden] -> q [B,H,S,D], k [B,G,S,D] (normed, rotated), v [B,G,S,D], w [B,G,S]."""
+    B, S, _ = x.shape
+    D = attn.head_dim
+    q = attn.q_norm(attn.q_proj(x).view(B, S, -1, D)).transpose(1, 2)
+    k = attn.k_norm(attn.k_proj(x).view(B, S, -1, D)).transpose(1, 2)
+    v = attn.v_proj(x).view(B, S, -1, D).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    dt = attn.dt_proj(v.transpose(1, 2).reshape(B, S, -1))  # [B,S,G]
+    w = torch.exp(attn.A * F.softplus(dt)).transpose(-1, -2)  # [B,G,S]
+    return q, k, v, w
+
+
+def keep_window(bias: torch.Tensor, visible_key: torch.Tensor, window: int) -> torch.Tensor:
+    """Which keys each query row keeps: [B,G,T(query i),T(key j)] bool.
+
+    bias [B,G,T] (dtype-min where the key is padding); visible_key [B,1,1,T].
+    Key j is kept by row i iff j <= i, j is not padding, and fewer than `window` visible keys
+    j' <= i beat it (larger bias, or equal bias at an earlier position): exactly a stable
+    top-`window` over the row, with no shape-dependent branch and no TopK.
+    """
+    T = bias.shape[-1]
+    idx = torch.arange(T, device=bias.device)
+    earlier = idx[:, None] < idx[None, :]  # [j', j]
+    bj, bjp = bias[:, :, None, :], bias[:, :, :, None]
+    beats = (bjp > bj) | ((bjp == bj) & earlier)  # [B,G,j',j]
+    count = torch.cumsum(beats.float(), dim=2)  # [B,G,i,j]: beaters among j' <= i
+    causal = idx[None, :] <= idx[:, None]  # [i,j]
+    return causal & visible_key & (count < window)
+
+
+def grouped_attention(q, k, v, bias):
+    """q [B,H,S,D], k/v [B,G,L,D], bias [B,G,S,L] additive -> [B,S,H*D]; softmax in fp32."""
+    B, H, S, D = q.shape
+    G = k.shape[1]
+    q5 = q.view(B, G, H // G, S, D)
+    scores = torch.matmul(q5, k.unsqueeze(2).transpose(-1, -2)) * D**-0.5 + bias.unsqueeze(2)
+    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(probs, v.unsqueeze(2))  # [B,G,R,S,D]
+    return out.reshape(B, H, S, D).transpose(1, 2).reshape(B, S, H * D)
+
+
+def compact_state(kept_last, k, v, w, positions, capacity: int):
+    """Write the kept rows of the prompt into `capacity` slots, in position order.
+
+    kept_last [B,G,T] bool; k/v [B,G,T,D]; w [B,G,T]; positions [B,T].
+    Dropped rows go to a spare slot C that is cut off, so no TopK and no data-dependent shape.
+    """
+    B, G, T, D = k.shape
+    rank = torch.cumsum(kept_last.long(), dim=-1) - 1
+    slot = torch.where(kept_last, rank, torch.full_like(rank, capacity))  # [B,G,T]
+    slot_d = slot.unsqueeze(-1).expand(B, G, T, D)
+    key = k.new_zeros(B, G, capacity + 1, D).scatter(2, slot_d, k)[:, :, :capacity]
+    value = v.new_zeros(B, G, capacity + 1, D).scatter(2, slot_d, v)[:, :, :capacity]
+    empty_bias = w.new_full((B, G, capacity + 1), min_value(w.dtype))
+    bias = empty_bias.scatter(2, slot, w)[:, :, :capacity]
+    pos = positions[:, None, :].expand(B, G, T)
+    empty_pos = positions.new_full((B, G, capacity + 1), EMPTY_POSITION)
+    position = empty_pos.scatter(2, slot, pos)[:, :, :capacity]
+    return key, value, bias, position
+
+
+def prefill_attention(attn, x, cos, sin, valid, positions, capacity):
+    """x [B,T,hidden]; valid [B,T] bool (left padding) -> (out [B,T,hidden], state tuple)."""
+    q, k, v, w = project_qkv(attn, x, cos, sin)
+    minv = min_value(x.dtype)
+    visible_key = valid[:, None, None, :]
+    bias = torch.where(valid[:, None, :], w, torch.full_like(w, minv))  # [B,G,T]
+    kept = keep_window(bias, visible_key, attn.keep_window_size)
+    mask = torch.where(kept, bias[:, :, None, :], torch.full_like(bias[:, :, None, :], minv))
+    out = attn.o_proj(grouped_attention(q, k, v, mask))
+    state = compact_state(kept[:, :, -1, :], k, v, bias, positions, capacity)
+    return out, state
+
+
+def evict_slot(bias, position, new_bias):
+    """One step of the eviction rule, per batch row and KV head.
+
+    bias/position [B,G,C], new_bias [B,G] -> slot [B,G] int64 (-1: the new token lost),
+    slot_mask [B,G,C] bool (slot excluded from this step), new_wins [B,G] bool.
+    Among the C slots and the new token the smallest bias is left out; among equal biases the
+    latest position loses, and the new token is always the latest.
+    """
+    smallest = bias.min(dim=-1, keepdim=True).values  # [B,G,1]
+    candidates = torch.where(bias == smallest, position, torch.full_like(position, -2))
+    victim = candidates.argmax(dim=-1)  # latest position among the smallest
+    new_wins = new_bias > smallest.squeeze(-1)
+    slot = torch.where(new_wins, victim, torch.full_like(victim, -1))
+    slots = torch.arange(bias.shape[-1], device=bias.device)
+    slot_mask = (slots == victim.unsqueeze(-1)) & new_wins.unsqueeze(-1)
+    return slot, slot_mask, new_wins
+
+
+def step_attention(attn, x, cos, sin, past):
+    """x [B,1,hidden]; past = (key, value, bias, position) -> (out, (new_k, new_v, new_b, slot)).
+
+    The cache is only read: scores against the C slots and against the new key are softmaxed
+    together (C+1 numbers per head) and only the new row comes back.
+    """
+    key, value, bias, position = past
+    q, k, v, w = project_qkv(attn, x, cos, sin)  # q [B,H,1,D], k/v [B,G,1,D], w [B,G,1]
+    B, H, _, D = q.shape
+    G = key.shape[1]
+    minv = min_value(x.dtype)
+    new_bias = w[..., 0]
+    slot, slot_mask, new_wins = evict_slot(bias, position, new_bias)
+    slot_bias = torch.where(slot_mask, torch.full_like(bias, minv), bias)  # [B,G,C]
+    own_bias = torch.where(new_wins, new_bias, torch.full_like(new_bias, minv))  # [B,G]
+    q4 = q.view(B, G, H // G, D)
+    scores_cache = torch.matmul(q4, key.transpose(-1, -2)) * D**-0.5 + slot_bias[:, :, None, :]
+    scores_own = (q4 * k).sum(-1, keepdim=True) * D**-0.5 + own_bias[:, :, None, None]
+    probs = F.softmax(torch.cat((scores_cache, scores_own), dim=-1), dim=-1, dtype=torch.float32)
+    probs = probs.to(q.dtype)
+    C = key.shape[2]
+    out = torch.matmul(probs[..., :C], value) + probs[..., C:] * v  # [B,G,R,D]
+    out = attn.o_proj(out.reshape(B, 1, H * D))
+    return out, (k[:, :, 0], v[:, :, 0], new_bias, slot)
+
+
+class DogeGraph(nn.Module):
+    """Shared pieces of both wrappers: embedding, layers' non-attention parts, lm_head."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.config = model.config
+        self.rotary = RotaryFromPositions(model.config)
+        self.tied = model.lm_head.weight is model.model.embed_tokens.weight
+        if self.tied:
+            # One [hidden, vocab] matrix serves the lm_head MatMul and the embedding Gather
+            # (axis 1), so the exported graph holds the tied weight once.
+            self.lm_weight_t = nn.Parameter(model.lm_head.weight.detach().t().contiguous())
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if not self.tied:
+            return self.model.model.embed_tokens(input_ids)
+        B, S = input_ids.shape
+        cols = self.lm_weight_t.index_select(1, input_ids.reshape(-1))  # [hidden, B*S]
+        return cols.t().reshape(B, S, -1)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden [..., hidden] -> [..., vocab]
+        if self.tied:
+            return torch.matmul(hidden, self.lm_weight_t)
+        return self.model.lm_head(hidden)
+
+    def mlp(self, layer, h: torch.Tensor) -> torch.Tensor:
+        residual = h
+        out = layer.mlp(layer.post_attention_layernorm(h))
+        if self.config.is_moe:  # CDMoE returns (states, router_logits); routing mixes the batch
+            out = out[0]
+        return layer.post_attention_residual * residual + out
+
+    def layers(self):
+        return self.model.model.layers[: self.config.num_hidden_layers]
+
+
+class PrefillWrapper(DogeGraph):
+    """(input_ids, attention_mask, position_ids) [B,T] int64 -> logits, then 4 state tensors per layer.
+
+    logits are [B,V] for the last position, or [B,T,V] with full_logits.
+    """
+
+    def __init__(self, model, capacity: int, full_logits: bool = False):
+        super().__init__(model)
+        self.capacity = capacity
+        self.full_logits = full_logits
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        h = self.embed(input_ids)
+        cos, sin = self.rotary(position_ids, h.dtype)
+        valid = attention_mask.bool()
+        states = []
+        for layer in self.layers():
+            attn_in = layer.input_layernorm(h)
+            out, state = prefill_attention(
+                layer.self_attn, attn_in, cos, sin, valid, position_ids, self.capacity
+            )
+            h = layer.input_residual * h + out
+            h = self.mlp(layer, h)
+            states.extend(state)
+        h = self.model.model.norm(h)
+        logits = self.logits(h if self.full_logits else h[:, -1])
+        return (logits, *states)
+
+
+class StepWrapper(DogeGraph):
+    """(input_ids, position_ids) [B,1] int64 + 4 state tensors per layer -> logits [B,V], then
+    per layer the new row: key [B,G,D], value [B,G,D], bias [B,G], slot [B,G] int64 (-1 = none)."""
+
+    def forward(self, input_ids, position_ids, *past):
+        h = self.embed(input_ids)
+        cos, sin = self.rotary(position_ids, h.dtype)
+        rows = []
+        for i, layer in enumerate(self.layers()):
+            attn_in = layer.input_layernorm(h)
+            out, row = step_attention(layer.self_attn, attn_in, cos, sin, past[4 * i : 4 * i + 4])
+            h = layer.input_residual * h + out
+            h = self.mlp(layer, h)
+            rows.extend(row)
+        h = self.model.model.norm(h)
+        return (self.logits(h[:, 0]), *rows)
