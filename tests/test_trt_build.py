@@ -110,6 +110,20 @@ def test_build_error_names_the_node(trt, tmp_path):
 
 
 @pytest.mark.trt
+def test_if_branch_rank_mismatch_is_left_to_the_real_builder(trt, tmp_path):
+    """Rule 20 of facts/tensorrt.md §9 is not static: the builder names the If node itself."""
+    vi = h.make_tensor_value_info
+    then = h.make_graph([h.make_node("Identity", ["x"], ["a"])], "then", [], [vi("a", T.FLOAT, [4])])
+    other = h.make_graph([h.make_node("Reshape", ["x", "s"], ["b"])], "else", [], [vi("b", T.FLOAT, [2, 2])])
+    node = h.make_node("If", ["c"], ["y"], name="branch", then_branch=then, else_branch=other)
+    path = _save(tmp_path, "if_ranks", [node], [vi("x", T.FLOAT, [4]), vi("c", T.BOOL, [])],
+                 [vi("y", T.FLOAT, None)], [nh.from_array(np.array([2, 2], np.int64), "s")])
+    [finding] = lint_with_tensorrt(path, flavor=RTX)
+    assert (finding.rule, finding.node, finding.op_type) == ("R0-trt-build", "branch", "If")
+    assert "equal ranks" in finding.message
+
+
+@pytest.mark.trt
 @pytest.mark.parametrize("make, node", [(_int_matmul, "int_mm"), (_topk_4000, "topk_big")])
 def test_static_lint_agrees_with_the_real_parser(trt, tmp_path, make, node):
     path = make(tmp_path)
