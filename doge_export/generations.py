@@ -8,6 +8,7 @@ the evidence that was found.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import DogeExportError
 
@@ -103,3 +104,31 @@ def require_supported(detection: Detection) -> None:
         "wrong logits, and legacy generations are not supported by this version yet. "
         "Use a checkpoint saved by transformers' native DogeForCausalLM."
     )
+
+
+def checkpoint_shapes(path: Path, *, allow_pickle: bool) -> tuple[dict[str, tuple[int, ...]], bool]:
+    """Parameter name -> shape without loading the weights; and whether they are safetensors."""
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        from safetensors import safe_open
+
+        shapes = {}
+        for f in files:
+            with safe_open(f, framework="numpy") as st:
+                shapes.update({k: tuple(st.get_slice(k).get_shape()) for k in st.keys()})
+        return shapes, True
+    pickles = sorted(path.glob("*.bin"))
+    if not pickles:
+        raise DogeExportError(f"'{path}' has no *.safetensors (or *.bin) weights")
+    if not allow_pickle:
+        raise DogeExportError(
+            f"'{path}' holds only pickle weights ({pickles[0].name}); loading pickle can run "
+            "arbitrary code. Convert it to safetensors, or pass --allow-pickle if you trust it"
+        )
+    import torch  # only for explicitly allowed pickle checkpoints
+
+    shapes = {}
+    for f in pickles:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+        shapes.update({k: tuple(v.shape) for k, v in state.items()})
+    return shapes, False

@@ -1,0 +1,116 @@
+"""`doge-export onnx` end to end: graphs, tokenizer, manifest, validation, atomic publish.
+
+Everything is written into a hidden sibling folder first and renamed into place only when the
+export (and its validation) succeeded, so a failed or interrupted export leaves no folder behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import __version__, spec
+from .errors import DogeExportError
+from .export_onnx import ExportConfig, export_graphs, model_info
+from .manifest import CONVENTIONS, EVICTION_RULE, MANIFEST_NAME, SCHEMA, SCHEMA_VERSION, Manifest, file_entries
+from .model import LoadedModel
+
+GENERATION_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
+
+
+def prepare_out_dir(out_dir: Path, force: bool) -> None:
+    """Refuse to overwrite unless --force, and never delete a folder that is not an artifact."""
+    if not out_dir.exists():
+        return
+    if not force:
+        raise DogeExportError(f"output folder '{out_dir}' already exists; pass --force to replace it")
+    if out_dir.is_file():
+        raise DogeExportError(f"'{out_dir}' is a file, not a folder; choose another --out")
+    if any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
+        raise DogeExportError(
+            f"refusing to replace '{out_dir}': it is not empty and not a doge-export artifact folder"
+        )
+
+
+def publish(tmp: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+
+
+def copy_tokenizer(source: Path | None, tokenizer_dir: Path | None, dest: Path, vocab: int) -> dict | None:
+    """Copy the tokenizer files (from --tokenizer, else the checkpoint folder) into the artifact."""
+    from .text import TextTokenizer, files_to_copy, special_ids
+
+    src = tokenizer_dir or source
+    if src is None or not (Path(src) / "tokenizer.json").is_file():
+        if tokenizer_dir is not None:
+            raise DogeExportError(f"--tokenizer '{tokenizer_dir}' has no tokenizer.json")
+        return None
+    tok = TextTokenizer.from_dir(src)
+    size = tok.tokenizer.get_vocab_size(with_added_tokens=True)
+    if size > vocab:
+        raise DogeExportError(f"tokenizer in '{src}' has {size} ids but the model's vocabulary is {vocab}")
+    names = []
+    for f in files_to_copy(src):
+        shutil.copy2(f, dest / f.name)
+        names.append(f.name)
+    return {"files": names, **special_ids(src), "chat_template": tok.chat_template is not None}
+
+
+def build_manifest(loaded: LoadedModel, info: spec.ModelInfo, result: dict, tokenizer: dict | None, seed: int) -> dict:
+    gen_cfg = {k: loaded.generation_config[k] for k in GENERATION_KEYS if k in loaded.generation_config}
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "doge_export_version": __version__,
+        "source": {"model": loaded.source, "seed": seed, "generation": loaded.generation},
+        "config": loaded.config.to_dict(),
+        "model_info": info.to_dict(),
+        "graphs": {
+            name: {"file": f"{name}.onnx", "inputs": spec.spec_to_json(io["inputs"]),
+                   "outputs": spec.spec_to_json(io["outputs"])}
+            for name, io in spec.graph_specs(info).items()
+        },
+        "weights": result["weights"],
+        "state": {"fields": list(spec.STATE_FIELDS), "step_rows": list(spec.ROW_FIELDS),
+                  "capacity": info.capacity, "empty_position": spec.EMPTY_POSITION,
+                  "empty_bias": "minimum of the state dtype", "eviction_rule": EVICTION_RULE},
+        "conventions": CONVENTIONS,
+        "tokenizer": tokenizer,
+        "generation_defaults": gen_cfg,
+        "export": result["export"],
+        "validation": None,
+        "engines": {},
+        "files": {},
+    }
+
+
+def export_artifact(loaded: LoadedModel, out_dir: Path, export: ExportConfig, *, seed: int = 0,
+                    force: bool = False, tokenizer_dir: Path | None = None, validate=None,
+                    log=print) -> Manifest:
+    """Write the artifact folder; `validate(manifest) -> report` runs before publishing."""
+    out_dir = Path(out_dir)
+    prepare_out_dir(out_dir, force)
+    info = model_info(loaded.config, export)
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        result = export_graphs(loaded.model, info, export, tmp, log)
+        tokenizer = copy_tokenizer(loaded.checkpoint_dir, tokenizer_dir, tmp, info.vocab_size)
+        manifest = Manifest(tmp, build_manifest(loaded, info, result, tokenizer, seed))
+        files = ["prefill.onnx", "step.onnx", result["weights"]["file"]] + (tokenizer or {}).get("files", [])
+        manifest.data["files"] = file_entries(tmp, files)
+        manifest.save()
+        if validate is not None:
+            manifest.data["validation"] = validate(manifest)
+            manifest.save()
+        publish(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Manifest(out_dir, manifest.data)

@@ -1,0 +1,122 @@
+"""`doge-export`: the command line (typer). Commands stay thin; the work lives in the modules.
+
+User errors (DogeExportError) print one line and exit 1, never a traceback. Progress goes to
+stderr, results to stdout (so `--json` output stays clean). Heavy modules import inside commands.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import DogeExportError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Export Doge small language models to ONNX / TensorRT and run them.")
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@app.command()
+def onnx(
+    model: str = typer.Option(..., "--model", "-m", help="Local HF folder, hub id, or random:<preset>"),
+    out: Path = typer.Option(..., "--out", "-o", help="Artifact folder to create"),
+    seed: int = typer.Option(0, help="Seed for random:<preset> weights"),
+    max_context: Optional[int] = typer.Option(None, help="Longest padded prompt + generation [4 x max_position_embeddings]"),
+    max_prompt: Optional[int] = typer.Option(None, help="Longest padded prompt [min(max_context, max_position_embeddings)]"),
+    full_logits: bool = typer.Option(False, help="Prefill returns logits for every position (perplexity)"),
+    exporter: str = typer.Option("torchscript", help="torch exporter: torchscript or dynamo"),
+    tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer folder to ship (default: the checkpoint's)"),
+    allow_pickle: bool = typer.Option(False, help="Allow pickle *.bin checkpoints (can run code)"),
+    force: bool = typer.Option(False, help="Replace --out if it is an existing artifact folder"),
+    validate: bool = typer.Option(True, help="Validate against PyTorch before publishing"),
+):
+    """Export MODEL to prefill + step ONNX graphs with a manifest, validated against transformers."""
+    from .commands import run_export
+
+    run_export(model, out, seed=seed, max_context=max_context, max_prompt=max_prompt, full_logits=full_logits,
+               exporter=exporter, tokenizer=tokenizer, allow_pickle=allow_pickle, force=force,
+               validate=validate, log=progress)
+
+
+@app.command()
+def generate(
+    artifact: Path = typer.Argument(..., help="Artifact folder from `doge-export onnx`"),
+    prompt: List[str] = typer.Option([], "--prompt", "-p", help="Prompt text; repeat for a batch"),
+    input_ids: List[str] = typer.Option([], help="Token ids like 0,3,17; repeat for a batch"),
+    chat: bool = typer.Option(False, help="Wrap each prompt as a user turn in the chat template"),
+    system: Optional[str] = typer.Option(None, help="System message for --chat"),
+    max_new_tokens: int = typer.Option(32, help="Tokens to generate per prompt"),
+    greedy: bool = typer.Option(False, help="Force greedy decoding"),
+    temperature: Optional[float] = typer.Option(None, help="Sampling temperature (enables sampling)"),
+    top_k: Optional[int] = typer.Option(None, help="Top-k sampling (enables sampling)"),
+    top_p: Optional[float] = typer.Option(None, help="Top-p sampling (enables sampling)"),
+    repetition_penalty: Optional[float] = typer.Option(None, help="Repetition penalty (1.0 = off)"),
+    stop_id: List[int] = typer.Option([], help="Stop token id; repeat for several [eos]"),
+    seed: Optional[int] = typer.Option(None, help="Sampling seed"),
+    backend: str = typer.Option("onnxruntime", help="onnxruntime, torch or tensorrt"),
+    provider: str = typer.Option("cpu", help="ONNX Runtime provider: cpu, cuda or auto"),
+    threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads"),
+    as_json: bool = typer.Option(False, "--json", help='Print {"tokens": [[...]], "text": [...]}'),
+):
+    """Generate text or token ids from an artifact folder."""
+    from .commands import run_generate
+
+    run_generate(artifact, prompt, input_ids, chat=chat, system=system, max_new_tokens=max_new_tokens,
+                 greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
+                 repetition_penalty=repetition_penalty, stop_ids=stop_id, seed=seed, backend=backend,
+                 provider=provider, threads=threads, as_json=as_json)
+
+
+@app.command()
+def validate(
+    artifact: Path = typer.Argument(..., help="Artifact folder"),
+    backend: str = typer.Option("onnxruntime", help="Backend to check against the PyTorch reference"),
+    model: Optional[str] = typer.Option(None, help="Reference model (default: the artifact's source)"),
+    decode_steps: int = typer.Option(16, help="Teacher-forced decode steps compared per case"),
+    greedy_steps: int = typer.Option(32, help="Free-running greedy tokens compared per case"),
+    atol: float = typer.Option(1e-4, help="Max |diff| allowed on logits and state"),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout"),
+):
+    """Check an artifact against transformers; exit 1 on any failure. Results go into the manifest."""
+    from .commands import run_validate
+
+    run_validate(artifact, backend=backend, model=model, decode_steps=decode_steps,
+                 greedy_steps=greedy_steps, atol=atol, as_json=as_json, log=progress)
+
+
+@app.command()
+def inspect(
+    artifact: Optional[Path] = typer.Argument(None, help="Artifact folder to describe"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Checkpoint to identify instead"),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON"),
+):
+    """Describe an artifact folder, or detect which Doge generation a checkpoint is."""
+    from .commands import run_inspect
+
+    run_inspect(artifact, model, as_json=as_json)
+
+
+def main() -> None:
+    try:
+        app()
+    except DogeExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def print_json(data) -> None:
+    print(json.dumps(data, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,140 @@
+"""The bodies of the CLI commands: plain functions, callable from Python and tests."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .errors import DogeExportError
+from .generate import GenerateConfig, generate
+from .manifest import load_manifest
+from .runtime import open_runner, prompts_to_ids, torch_reference
+
+
+def run_export(model: str, out: Path, *, seed: int, max_context, max_prompt, full_logits: bool,
+               exporter: str, tokenizer, allow_pickle: bool, force: bool, validate: bool, log) -> None:
+    from .artifact import export_artifact, prepare_out_dir
+    from .export_onnx import ExportConfig
+    from .model import load_model
+
+    config = ExportConfig(max_context=max_context, max_prompt=max_prompt, full_logits=full_logits, exporter=exporter)
+    prepare_out_dir(Path(out), force)  # fail before the (slow) model load
+    log(f"loading {model} ...")
+    loaded = load_model(model, seed=seed, allow_pickle=allow_pickle)
+    check = (lambda manifest: validate_manifest(manifest, loaded.model, log)) if validate else None
+    manifest = export_artifact(loaded, Path(out), config, seed=seed, force=force,
+                               tokenizer_dir=tokenizer, validate=check, log=log)
+    info = manifest.info
+    log(f"wrote {out}: prefill + step graphs, state {info.num_layers} layers x {info.capacity} slots, "
+        f"max prompt {info.max_prompt}, max context {info.max_context}")
+
+
+def validate_manifest(manifest, model, log) -> dict:
+    """Validate the ONNX Runtime graphs of `manifest` against `model`; raises on any failure."""
+    from .backends.ort import OrtRunner
+    from .backends.torch import TorchRunner
+    from .validate import failures, validate_runner
+
+    log("validating against transformers (stable keep-window top-k) ...")
+    with OrtRunner(manifest) as runner:
+        report = validate_runner(runner, TorchRunner(model, manifest.info, stable_topk=True), log=log)
+    if not report["passed"]:
+        raise DogeExportError("validation failed, nothing was written:\n  " + "\n  ".join(failures(report)))
+    return {"onnxruntime": report}
+
+
+def run_validate(artifact: Path, *, backend: str, model, decode_steps: int, greedy_steps: int,
+                 atol: float, as_json: bool, log) -> None:
+    from .validate import ValidateConfig, failures, validate_runner
+
+    manifest = load_manifest(artifact)
+    cfg = ValidateConfig(decode_steps=decode_steps, greedy_steps=greedy_steps, atol=atol)
+    with open_runner(manifest, backend) as runner:
+        report = validate_runner(runner, torch_reference(manifest, model), cfg, log=log)
+    manifest.data["validation"] = {**(manifest.data.get("validation") or {}), backend: report}
+    manifest.save()
+    if as_json:
+        print(json.dumps(report, indent=2))
+    if not report["passed"]:
+        raise DogeExportError("validation failed:\n  " + "\n  ".join(failures(report)))
+    log(f"validation passed ({backend} vs transformers)")
+
+
+def generation_config(manifest, *, greedy, temperature, top_k, top_p, repetition_penalty,
+                      stop_ids, seed, max_new_tokens) -> GenerateConfig:
+    """CLI options over the checkpoint's generation_config; greedy when neither says otherwise."""
+    defaults = manifest.data.get("generation_defaults") or {}
+    sampling = [v for v in (temperature, top_k, top_p) if v is not None]
+    if greedy and sampling:
+        raise DogeExportError("--greedy cannot be combined with --temperature, --top-k or --top-p")
+    do_sample = False if greedy else bool(sampling) or bool(defaults.get("do_sample", False))
+    pick = lambda value, key, default: value if value is not None else defaults.get(key, default)  # noqa: E731
+    return GenerateConfig(
+        max_new_tokens=max_new_tokens, do_sample=do_sample,
+        temperature=float(pick(temperature, "temperature", 1.0)), top_k=int(pick(top_k, "top_k", 0) or 0),
+        top_p=float(pick(top_p, "top_p", 1.0)),
+        repetition_penalty=float(pick(repetition_penalty, "repetition_penalty", 1.0)),
+        stop_ids=tuple(stop_ids) if stop_ids else None, seed=seed,
+    )
+
+
+def run_generate(artifact: Path, prompts, input_ids, *, chat, system, backend, provider, threads,
+                 as_json, **options) -> None:
+    manifest = load_manifest(artifact)
+    cfg = generation_config(manifest, **options)
+    ids, tokenizer = prompts_to_ids(manifest, list(prompts), list(input_ids), chat=chat, system=system)
+    stream = None if as_json or len(ids) > 1 else make_streamer(tokenizer)
+    with open_runner(manifest, backend, provider=provider, threads=threads) as runner:
+        result = generate(runner, ids, cfg, on_token=stream)
+    texts = [tokenizer.decode(t) if tokenizer else None for t in result.tokens]
+    if as_json:
+        print(json.dumps({"tokens": result.tokens, "text": texts, "stats": result.stats}))
+    elif stream is None:
+        for n, tokens in enumerate(result.tokens):
+            print(f"[{n}] " + (texts[n] if tokenizer else " ".join(map(str, tokens))))
+    else:
+        stream.finish()
+
+
+def make_streamer(tokenizer):
+    """on_token callback that prints batch row 0 as it is generated (text, or ids)."""
+    if tokenizer is None:
+        return _IdStreamer()
+    from .text import IncrementalDecoder
+
+    return _TextStreamer(IncrementalDecoder(tokenizer))
+
+
+class _IdStreamer:
+    def __call__(self, step, tokens, finished):
+        sys.stdout.write(("" if step == 0 else " ") + str(int(tokens[0])))
+        sys.stdout.flush()
+
+    def finish(self):
+        print()
+
+
+class _TextStreamer:
+    def __init__(self, decoder):
+        self.decoder, self.ids, self.done = decoder, [], False
+
+    def __call__(self, step, tokens, finished):
+        if self.done:
+            return
+        self.ids.append(int(tokens[0]))
+        self.done = bool(finished[0])
+        sys.stdout.write(self.decoder.step(self.ids))
+        sys.stdout.flush()
+
+    def finish(self):
+        print(self.decoder.finish(self.ids))
+
+
+def run_inspect(artifact, model, *, as_json: bool) -> None:
+    from .inspect_cmd import describe_artifact, describe_checkpoint
+
+    if (artifact is None) == (model is None):
+        raise DogeExportError("give an artifact folder, or --model M to identify a checkpoint (not both)")
+    data, text = describe_artifact(artifact) if artifact else describe_checkpoint(model)
+    print(json.dumps(data, indent=2) if as_json else text)

@@ -1,0 +1,94 @@
+"""Open a runner for an artifact folder and turn user prompts into token ids.
+
+Backends are imported lazily: the onnxruntime path never imports torch, transformers or
+tensorrt; the torch backend loads the artifact's source model (transformers) as the reference.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import DogeExportError
+from .manifest import Manifest
+
+BACKENDS = ("onnxruntime", "torch", "tensorrt")
+
+
+def open_runner(manifest: Manifest, backend: str = "onnxruntime", *, provider: str = "cpu",
+                threads: int | None = None, tie_log: list | None = None):
+    if backend == "onnxruntime":
+        from .backends.ort import OrtRunner
+
+        return OrtRunner(manifest, provider=provider, threads=threads)
+    if backend == "torch":
+        return torch_reference(manifest, tie_log=tie_log)
+    if backend == "tensorrt":
+        try:
+            from .backends.trt import TrtRunner
+        except ImportError as exc:
+            raise DogeExportError(f"the tensorrt backend is unavailable ({exc})") from None
+        return TrtRunner(manifest)
+    raise DogeExportError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def source_model(manifest: Manifest, model: str | None = None):
+    """The PyTorch model the artifact was exported from (or `model`, when given)."""
+    try:
+        from .model import load_model
+    except ImportError as exc:
+        raise DogeExportError(
+            f"the PyTorch reference needs torch and transformers ({exc}); "
+            "install them with `pip install doge-export[export]`"
+        ) from None
+    source = manifest.data["source"]
+    return load_model(model or source["model"], seed=source.get("seed", 0))
+
+
+def torch_reference(manifest: Manifest, model: str | None = None, tie_log: list | None = None):
+    """transformers' model with the artifact's tie rule (stable keep-window top-k)."""
+    from .backends.torch import TorchRunner
+
+    return TorchRunner(source_model(manifest, model).model, manifest.info, stable_topk=True, tie_log=tie_log)
+
+
+def parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+    except ValueError:
+        raise DogeExportError(f"--input-ids expects comma-separated integers like 0,3,17; got {text!r}") from None
+    if not ids:
+        raise DogeExportError("--input-ids is empty; give at least one token id")
+    return ids
+
+
+def load_tokenizer(manifest: Manifest):
+    if manifest.tokenizer_dir is None:
+        return None
+    from .text import TextTokenizer
+
+    return TextTokenizer.from_dir(manifest.tokenizer_dir)
+
+
+def prompts_to_ids(manifest: Manifest, prompts: list[str], input_ids: list[str], *,
+                   chat: bool, system: str | None) -> tuple[list[list[int]], object]:
+    """-> token-id prompts and the tokenizer (None when the artifact has none)."""
+    tokenizer = load_tokenizer(manifest)
+    if prompts and input_ids:
+        raise DogeExportError("give either --prompt or --input-ids, not both")
+    if input_ids:
+        return [parse_ids(t) for t in input_ids], tokenizer
+    if not prompts:
+        raise DogeExportError("nothing to generate from: pass --prompt TEXT or --input-ids 0,3,17")
+    if tokenizer is None:
+        raise DogeExportError(
+            f"artifact '{manifest.folder}' has no tokenizer, so --prompt cannot be encoded; pass "
+            "--input-ids, or re-export with --tokenizer DIR"
+        )
+    if chat:
+        head = [{"role": "system", "content": system}] if system else []
+        return [tokenizer.apply_chat_template(head + [{"role": "user", "content": p}]) for p in prompts], tokenizer
+    return [tokenizer.encode(p) for p in prompts], tokenizer
+
+
+def artifact_path(path: str) -> Path:
+    return Path(path).expanduser()
