@@ -6,6 +6,7 @@ export (and its validation) succeeded, so a failed or interrupted export leaves 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from datetime import datetime, timezone
@@ -14,6 +15,7 @@ from pathlib import Path
 from . import __version__, spec
 from .errors import DogeExportError
 from .export_onnx import ExportConfig, export_graphs, model_info
+from .legacy.state import eviction_rule, generation_manifest, state_info
 from .manifest import CONVENTIONS, EVICTION_RULE, MANIFEST_NAME, SCHEMA, SCHEMA_VERSION, Manifest, file_entries
 from .model import LoadedModel
 
@@ -57,7 +59,18 @@ def copy_tokenizer(source: Path | None, tokenizer_dir: Path | None, dest: Path, 
     for f in files_to_copy(src):
         shutil.copy2(f, dest / f.name)
         names.append(f.name)
-    return {"files": names, **special_ids(src), "chat_template": tok.chat_template is not None}
+    return {"files": names, **special_ids(src), "padding_side": tok.padding_side,
+            "chat_template": chat_template_entry(Path(src), tok.chat_template)}
+
+
+def chat_template_entry(src: Path, template) -> dict | None:
+    """Where the artifact's chat template lives and its sha256 (named templates: their names)."""
+    if template is None:
+        return None
+    where = "chat_template.jinja" if (src / "chat_template.jinja").is_file() else "tokenizer_config.json"
+    if isinstance(template, dict):
+        return {"file": where, "names": sorted(template)}
+    return {"file": where, "sha256": hashlib.sha256(template.encode("utf-8")).hexdigest()}
 
 
 def build_manifest(loaded: LoadedModel, info: spec.ModelInfo, result: dict, tokenizer: dict | None, seed: int) -> dict:
@@ -69,6 +82,7 @@ def build_manifest(loaded: LoadedModel, info: spec.ModelInfo, result: dict, toke
         "doge_export_version": __version__,
         "source": {"model": loaded.source, "seed": seed, "generation": loaded.generation},
         "config": loaded.config.to_dict(),
+        "generation": generation_manifest(loaded.generation, loaded.model),
         "model_info": info.to_dict(),
         "graphs": {
             name: {"file": f"{name}.onnx", "inputs": spec.spec_to_json(io["inputs"]),
@@ -78,7 +92,7 @@ def build_manifest(loaded: LoadedModel, info: spec.ModelInfo, result: dict, toke
         "weights": result["weights"],
         "state": {"fields": list(spec.STATE_FIELDS), "step_rows": list(spec.ROW_FIELDS),
                   "capacity": info.capacity, "empty_position": spec.EMPTY_POSITION,
-                  "empty_bias": "minimum of the state dtype", "eviction_rule": EVICTION_RULE},
+                  "empty_bias": "minimum of the state dtype", "eviction_rule": eviction_rule(loaded.model, EVICTION_RULE)},
         "conventions": CONVENTIONS,
         "tokenizer": tokenizer,
         "generation_defaults": gen_cfg,
@@ -95,7 +109,7 @@ def export_artifact(loaded: LoadedModel, out_dir: Path, export: ExportConfig, *,
     """Write the artifact folder; `validate(manifest) -> report` runs before publishing."""
     out_dir = Path(out_dir)
     prepare_out_dir(out_dir, force)
-    info = model_info(loaded.config, export)
+    info = state_info(model_info(loaded.config, export), loaded.model)
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:

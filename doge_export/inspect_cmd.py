@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .errors import DogeExportError
 from .generations import GENERATIONS, SUPPORTED, checkpoint_shapes, detect_generation
+from .legacy.layouts import LAYOUTS, describe
 from .manifest import load_manifest
 
 
@@ -57,7 +58,9 @@ def describe_checkpoint(source: str) -> tuple[dict, str]:
         data = {"model": source, "generation": det.generation, "supported": det.generation in SUPPORTED,
                 "evidence": list(det.evidence)}
     dates, what = GENERATIONS[data["generation"]]
+    data["differences_from_native"] = describe(LAYOUTS[data["generation"]]) if data["supported"] else []
     text = "\n".join([f"model       {data['model']}", f"generation  {data['generation']} ({dates}: {what})",
                       f"exportable  {'yes' if data['supported'] else 'no'}"]
-                     + [f"evidence    {e}" for e in data["evidence"]])
+                     + [f"evidence    {e}" for e in data["evidence"]]
+                     + [f"differs     {d}" for d in data["differences_from_native"]])
     return data, text

@@ -1,7 +1,8 @@
 """Load a Doge checkpoint: a local Hugging Face folder, a hub id, or a seeded random preset.
 
 Everything returned is transformers' own DogeForCausalLM in eval mode with eager attention (the
-reference, DESIGN §3): the export wrappers (wrappers.py) reuse its modules and weights.
+reference, DESIGN §3), or, for a legacy generation (generations.py), our reference of it
+(doge_export.legacy): the export wrappers (wrappers.py) reuse its modules and weights.
 """
 
 from __future__ import annotations
@@ -144,15 +145,22 @@ def load_checkpoint_dir(path: Path, *, source: str, allow_pickle: bool) -> Loade
     if not config_file.is_file():
         raise DogeExportError(f"'{path}' has no config.json; expected a Hugging Face model folder")
     raw = json.loads(config_file.read_text())
-    config = make_config(raw)
+    if raw.get("model_type") != "doge":
+        make_config(raw)  # refuses it with the "not a Doge checkpoint" message
     shapes, use_safetensors = checkpoint_shapes(path, allow_pickle=allow_pickle)
     detection = detect_generation(shapes, raw)
     require_supported(detection)
+    gen_file = path / "generation_config.json"
+    gen_cfg = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
+    if detection.generation != "native":  # our reference of that generation (doge_export.legacy)
+        from .legacy.load import load_legacy
+
+        model = load_legacy(path, raw, detection.generation, shapes, use_safetensors)
+        return LoadedModel(model, source, detection.generation, path, gen_cfg)
+    config = make_config(raw)
     if "lm_head.weight" not in shapes:  # trained tied; never let lm_head be random (facts §7.2)
         config.tie_word_embeddings = True
     model = DogeForCausalLM.from_pretrained(
         path, config=config, dtype=torch.float32, use_safetensors=use_safetensors
     )
-    gen_file = path / "generation_config.json"
-    gen_cfg = json.loads(gen_file.read_text()) if gen_file.is_file() else {}
     return LoadedModel(_reference_mode(model), source, detection.generation, path, gen_cfg)

@@ -130,14 +130,14 @@ def validate_runner(runner: Runner, reference: Runner, cfg: ValidateConfig = Val
         log(f"  [{'ok' if result.greedy_identical else 'x'}] {name}: greedy {result.greedy_steps} steps "
             + ("identical" if result.greedy_identical else f"diverge at step {result.first_divergence}"))
         results.append(result)
-    return report_from(results, runner, cfg)
+    return report_from(results, runner, cfg, getattr(reference, "description", REFERENCE))
 
 
-def report_from(results: list[CaseResult], runner: Runner, cfg: ValidateConfig) -> dict:
+def report_from(results: list[CaseResult], runner: Runner, cfg: ValidateConfig, reference: str = REFERENCE) -> dict:
     return {
         "passed": all(r.ok for r in results),
         "backend": runner.name,
-        "reference": REFERENCE,
+        "reference": reference,
         "atol": cfg.atol,
         "cases": [
             {**{k: v for k, v in asdict(r).items() if k != "checks"},

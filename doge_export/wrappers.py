@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .legacy.layouts import NATIVE, Layout, layout_of
+
 EMPTY_POSITION = -1
 
 
@@ -67,16 +69,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-def project_qkv(attn, x: torch.Tensor, cos, sin):
-    """x [B,S,hidden] -> q [B,H,S,D], k [B,G,S,D] (normed, rotated), v [B,G,S,D], w [B,G,S]."""
+def project_qkv(attn, x: torch.Tensor, cos, sin, layout: Layout = NATIVE):
+    """x [B,S,hidden] -> q [B,H,S,D], k [B,G,S,D] (normed, rotated), v [B,G,S,D], w [B,G,S].
+
+    With a bias per query head (legacy layouts) the state heads are the H query heads: k/v are
+    repeated per query head and w is [B,H,S].
+    """
     B, S, _ = x.shape
     D = attn.head_dim
-    q = attn.q_norm(attn.q_proj(x).view(B, S, -1, D)).transpose(1, 2)
-    k = attn.k_norm(attn.k_proj(x).view(B, S, -1, D)).transpose(1, 2)
+    if layout.qk_norm:
+        q = attn.q_norm(attn.q_proj(x).view(B, S, -1, D)).transpose(1, 2)
+        k = attn.k_norm(attn.k_proj(x).view(B, S, -1, D)).transpose(1, 2)
+    else:
+        q = attn.q_proj(x).view(B, S, -1, D).transpose(1, 2)
+        k = attn.k_proj(x).view(B, S, -1, D).transpose(1, 2)
     v = attn.v_proj(x).view(B, S, -1, D).transpose(1, 2)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     dt = attn.dt_proj(v.transpose(1, 2).reshape(B, S, -1))  # [B,S,G]
     w = torch.exp(attn.A * F.softplus(dt)).transpose(-1, -2)  # [B,G,S]
+    if layout.bias_heads == "query" and k.shape[1] != q.shape[1]:
+        R = q.shape[1] // k.shape[1]
+        k = k[:, :, None].expand(B, k.shape[1], R, S, D).reshape(B, -1, S, D)
+        v = v[:, :, None].expand(B, v.shape[1], R, S, D).reshape(B, -1, S, D)
     return q, k, v, w
 
 
@@ -129,9 +143,9 @@ def compact_state(kept_last, k, v, w, positions, capacity: int):
     return key, value, bias, position
 
 
-def prefill_attention(attn, x, cos, sin, valid, positions, capacity):
+def prefill_attention(attn, x, cos, sin, valid, positions, capacity, layout: Layout = NATIVE):
     """x [B,T,hidden]; valid [B,T] bool (left padding) -> (out [B,T,hidden], state tuple)."""
-    q, k, v, w = project_qkv(attn, x, cos, sin)
+    q, k, v, w = project_qkv(attn, x, cos, sin, layout)
     minv = min_value(x.dtype)
     visible_key = valid[:, None, None, :]
     bias = torch.where(valid[:, None, :], w, torch.full_like(w, minv))  # [B,G,T]
@@ -160,14 +174,14 @@ def evict_slot(bias, position, new_bias):
     return slot, slot_mask, new_wins
 
 
-def step_attention(attn, x, cos, sin, past):
+def step_attention(attn, x, cos, sin, past, layout: Layout = NATIVE):
     """x [B,1,hidden]; past = (key, value, bias, position) -> (out, (new_k, new_v, new_b, slot)).
 
     The cache is only read: scores against the C slots and against the new key are softmaxed
     together (C+1 numbers per head) and only the new row comes back.
     """
     key, value, bias, position = past
-    q, k, v, w = project_qkv(attn, x, cos, sin)  # q [B,H,1,D], k/v [B,G,1,D], w [B,G,1]
+    q, k, v, w = project_qkv(attn, x, cos, sin, layout)  # q [B,H,1,D], k/v [B,G,1,D], w [B,G,1]
     B, H, _, D = q.shape
     G = key.shape[1]
     minv = min_value(x.dtype)
@@ -231,6 +245,7 @@ class DogeGraph(nn.Module):
         self.model = model
         self.config = model.config
         self.rotary = RotaryFromPositions(model.config)
+        self.layout = layout_of(model)  # native, or the legacy generation's (legacy/layouts.py)
         self.tied = model.lm_head.weight is model.model.embed_tokens.weight
         if self.tied:
             # One [hidden, vocab] matrix serves the lm_head MatMul and the embedding Gather
@@ -252,8 +267,23 @@ class DogeGraph(nn.Module):
 
     def mlp(self, layer, h: torch.Tensor) -> torch.Tensor:
         x = layer.post_attention_layernorm(h)
-        out = cdmoe(layer.mlp, x) if self.config.is_moe else dense_mlp(layer.mlp, x)
+        if not self.config.is_moe:
+            out = dense_mlp(layer.mlp, x)
+        elif self.layout.moe == "multihead":
+            from .legacy.export import multihead_cdmoe
+
+            out = multihead_cdmoe(layer.mlp, x)
+        else:
+            out = cdmoe(layer.mlp, x)
         return layer.post_attention_residual * h + out
+
+    def attention(self):
+        """(prefill, step) attention functions of this layout."""
+        if self.layout.mask == "binary":
+            from .legacy.export import binary_prefill_attention, binary_step_attention
+
+            return binary_prefill_attention, binary_step_attention
+        return prefill_attention, step_attention
 
     def layers(self):
         return self.model.model.layers[: self.config.num_hidden_layers]
@@ -275,10 +305,11 @@ class PrefillWrapper(DogeGraph):
         cos, sin = self.rotary(position_ids, h.dtype)
         valid = attention_mask.bool()
         states = []
+        attention = self.attention()[0]
         for layer in self.layers():
             attn_in = layer.input_layernorm(h)
-            out, state = prefill_attention(
-                layer.self_attn, attn_in, cos, sin, valid, position_ids, self.capacity
+            out, state = attention(
+                layer.self_attn, attn_in, cos, sin, valid, position_ids, self.capacity, self.layout
             )
             h = layer.input_residual * h + out
             h = self.mlp(layer, h)
@@ -296,9 +327,10 @@ class StepWrapper(DogeGraph):
         h = self.embed(input_ids)
         cos, sin = self.rotary(position_ids, h.dtype)
         rows = []
+        attention = self.attention()[1]
         for i, layer in enumerate(self.layers()):
             attn_in = layer.input_layernorm(h)
-            out, row = step_attention(layer.self_attn, attn_in, cos, sin, past[4 * i : 4 * i + 4])
+            out, row = attention(layer.self_attn, attn_in, cos, sin, past[4 * i : 4 * i + 4], self.layout)
             h = layer.input_residual * h + out
             h = self.mlp(layer, h)
             rows.extend(row)

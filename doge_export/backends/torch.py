@@ -1,4 +1,5 @@
-"""The reference runner: transformers' DogeForCausalLM (eager) with its own growing cache.
+"""The reference runner: transformers' DogeForCausalLM (eager) with its own growing cache, or, for
+a legacy generation, our reference of it (doge_export.legacy), driven the same way.
 
 It drives the model exactly as `generate()` does (one prefill call, then one call per token with
 the attention mask extended by one), so it is also a fallback runtime.
@@ -9,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..legacy.layouts import layout_of
+from ..legacy.state import cached_state
 from ..reference import make_topk_stable, reset_rotary
 from ..spec import ModelInfo
 from .base import Runner
@@ -22,6 +25,11 @@ class TorchRunner(Runner):
         self.model = model.eval()
         if stable_topk:
             make_topk_stable(self.model, tie_log)
+        layout = layout_of(model)
+        self.description = ("transformers DogeForCausalLM (eager attention)" if layout.generation == "native"
+                            else f"our PyTorch reference of the {layout.generation} generation (doge_export.legacy)")
+        if layout.keep_window:
+            self.description += " with a stable keep-window top-k" if stable_topk else " with torch.topk"
         self.cache = None
         self.mask = None
 
@@ -58,28 +66,36 @@ class TorchRunner(Runner):
         """The bounded state the artifact must hold after prefill, built from this runner's cache.
 
         Per layer: the rows a stable top-`capacity` (earlier position wins) over the valid keys'
-        biases keeps, in position order; the rest of the C slots empty.
+        biases keeps, in position order; the rest of the C slots empty. G1 (binary mask) keeps
+        every prompt row, padding included, with its 0/dtype-min mask value as the bias.
         """
         mask = torch.from_numpy(np.asarray(attention_mask)).bool()
         positions = torch.from_numpy(np.where(attention_mask == 1, np.cumsum(attention_mask, -1) - 1, 0))
         out = {}
-        for i, layer in enumerate(self.model.model.layers):
-            attn, cached = layer.self_attn, self.cache.layers[i]
-            k, v = cached.keys, cached.values  # [B,G,T,D]
-            B, G, T, D = k.shape
-            dt = attn.dt_proj(v.transpose(1, 2).reshape(B, T, -1))
-            w = torch.exp(attn.A * torch.nn.functional.softplus(dt)).transpose(-1, -2)  # [B,G,T]
-            w = torch.where(mask[:, None, :], w, torch.finfo(w.dtype).min)
-            order = torch.sort(w, dim=-1, descending=True, stable=True).indices[..., :capacity]
-            keep = torch.zeros_like(mask[:, None, :].expand(B, G, T)).scatter(-1, order, True) & mask[:, None, :]
-            key = np.zeros((B, G, capacity, D), np.float32)
-            value, bias = np.zeros_like(key), np.full((B, G, capacity), np.finfo(np.float32).min, np.float32)
-            position = np.full((B, G, capacity), -1, np.int64)
-            for b in range(B):
-                for g in range(G):
-                    idx = torch.nonzero(keep[b, g]).flatten()
-                    n = len(idx)
-                    key[b, g, :n], value[b, g, :n] = k[b, g, idx].numpy(), v[b, g, idx].numpy()
-                    bias[b, g, :n], position[b, g, :n] = w[b, g, idx].numpy(), positions[b, idx].numpy()
-            out.update({f"key.{i}": key, f"value.{i}": value, f"bias.{i}": bias, f"position.{i}": position})
+        for i in range(len(self.model.model.layers)):
+            k, v, w, keep_all = cached_state(self.model, self.cache, i, mask)
+            keep = torch.ones_like(w, dtype=torch.bool) if keep_all else _stable_top(w, capacity) & mask[:, None, :]
+            rows = _slots(k, v, w, positions, keep, capacity)
+            out.update({f"{name}.{i}": a for name, a in zip(("key", "value", "bias", "position"), rows)})
         return out
+
+
+def _stable_top(w: torch.Tensor, capacity: int) -> torch.Tensor:
+    """[B,S,T] -> bool: the `capacity` largest per row, the earlier position winning ties."""
+    order = torch.sort(w, dim=-1, descending=True, stable=True).indices[..., :capacity]
+    return torch.zeros_like(w, dtype=torch.bool).scatter(-1, order, True)
+
+
+def _slots(k, v, w, positions, keep, capacity: int):
+    """The kept rows in position order in `capacity` slots; the rest empty (bias min, position -1)."""
+    B, S, T, D = k.shape
+    key = np.zeros((B, S, capacity, D), np.float32)
+    value, bias = np.zeros_like(key), np.full((B, S, capacity), np.finfo(np.float32).min, np.float32)
+    position = np.full((B, S, capacity), -1, np.int64)
+    for b in range(B):
+        for s in range(S):
+            idx = torch.nonzero(keep[b, s]).flatten()
+            n = len(idx)
+            key[b, s, :n], value[b, s, :n] = k[b, s, idx].float().numpy(), v[b, s, idx].float().numpy()
+            bias[b, s, :n], position[b, s, :n] = w[b, s, idx].float().numpy(), positions[b, idx].numpy()
+    return key, value, bias, position
