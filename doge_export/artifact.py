@@ -18,6 +18,7 @@ from .export_onnx import ExportConfig, export_graphs, model_info
 from .legacy.state import eviction_rule, generation_manifest, state_info
 from .manifest import CONVENTIONS, EVICTION_RULE, MANIFEST_NAME, SCHEMA, SCHEMA_VERSION, Manifest, file_entries
 from .model import LoadedModel
+from .precision import cast_model, model_dtype, precision_record
 
 GENERATION_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "max_new_tokens")
 
@@ -97,6 +98,7 @@ def build_manifest(loaded: LoadedModel, info: spec.ModelInfo, result: dict, toke
         "tokenizer": tokenizer,
         "generation_defaults": gen_cfg,
         "export": result["export"],
+        "precision": precision_record(info.dtype),
         "validation": None,
         "engines": {},
         "files": {},
@@ -106,9 +108,14 @@ def build_manifest(loaded: LoadedModel, info: spec.ModelInfo, result: dict, toke
 def export_artifact(loaded: LoadedModel, out_dir: Path, export: ExportConfig, *, seed: int = 0,
                     force: bool = False, tokenizer_dir: Path | None = None, validate=None,
                     log=print) -> Manifest:
-    """Write the artifact folder; `validate(manifest) -> report` runs before publishing."""
+    """Write the artifact folder; `validate(manifest) -> report` runs before publishing.
+
+    loaded.model is cast in place to export.dtype (the graphs and their reference share it).
+    """
     out_dir = Path(out_dir)
     prepare_out_dir(out_dir, force)
+    if model_dtype(loaded.model) != export.dtype:
+        cast_model(loaded.model, export.dtype)
     info = state_info(model_info(loaded.config, export), loaded.model)
     tmp = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -32,6 +32,7 @@ def onnx(
     max_prompt: Optional[int] = typer.Option(None, help="Longest padded prompt [min(max_context, max_position_embeddings)]"),
     full_logits: bool = typer.Option(False, help="Prefill returns logits for every position (perplexity)"),
     exporter: str = typer.Option("torchscript", help="torch exporter: torchscript or dynamo"),
+    dtype: str = typer.Option("fp32", help="Graph dtype: fp32 (CPU), fp16 or bf16 (GPU / TensorRT)"),
     tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer folder to ship (default: the checkpoint's)"),
     allow_pickle: bool = typer.Option(False, help="Allow pickle *.bin checkpoints (can run code)"),
     force: bool = typer.Option(False, help="Replace --out if it is an existing artifact folder"),
@@ -42,7 +43,7 @@ def onnx(
 
     run_export(model, out, seed=seed, max_context=max_context, max_prompt=max_prompt, full_logits=full_logits,
                exporter=exporter, tokenizer=tokenizer, allow_pickle=allow_pickle, force=force,
-               validate=validate, log=progress)
+               validate=validate, log=progress, dtype=dtype)
 
 
 @app.command()
@@ -81,7 +82,7 @@ def validate(
     model: Optional[str] = typer.Option(None, help="Reference model (default: the artifact's source)"),
     decode_steps: int = typer.Option(16, help="Teacher-forced decode steps compared per case"),
     greedy_steps: int = typer.Option(32, help="Free-running greedy tokens compared per case"),
-    atol: float = typer.Option(1e-4, help="Max |diff| allowed on logits and state"),
+    atol: Optional[float] = typer.Option(None, help="Max |diff| allowed on logits and state [by dtype: fp32 1e-4, fp16 0.5, bf16 1.0]"),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout"),
 ):
     """Check an artifact against transformers; exit 1 on any failure. Results go into the manifest."""
@@ -101,6 +102,43 @@ def inspect(
     from .commands import run_inspect
 
     run_inspect(artifact, model, as_json=as_json)
+
+
+@app.command()
+def trt(
+    artifact: Path = typer.Argument(..., help="Artifact folder from `doge-export onnx` (fp16/bf16 for a half engine)"),
+    flavor: str = typer.Option("tensorrt-rtx", help="tensorrt-rtx (AOT, any machine) or tensorrt (on the target GPU)"),
+    compute_capability: str = typer.Option("8.9", help="Target GPU compute capability (RTX 4090 = 8.9)"),
+    batch: int = typer.Option(1, help="The step engine's fixed batch (prefill takes 1..batch)"),
+    opt_prompt: Optional[int] = typer.Option(None, help="Prompt length the prefill engine is tuned for [min(128, max prompt)]"),
+    workspace_mib: Optional[int] = typer.Option(None, help="Builder workspace limit in MiB [TensorRT's default]"),
+    optimization_level: int = typer.Option(3, help="Builder optimisation level 0..5"),
+    timing_cache: Optional[Path] = typer.Option(None, help="Timing cache to load and save (tensorrt) [ARTIFACT/timing.cache]"),
+    hardware_compatibility: Optional[str] = typer.Option(None, help="tensorrt only: none, ampere_plus or same_compute_capability"),
+):
+    """Lint, then build the prefill and step TensorRT engines into the artifact (recorded in its manifest)."""
+    from .trt_engines import EngineConfig, run_trt
+
+    cfg = EngineConfig(flavor=flavor, compute_capability=compute_capability, batch=batch, opt_prompt=opt_prompt,
+                       workspace_mib=workspace_mib, optimization_level=optimization_level,
+                       timing_cache=timing_cache, hardware_compatibility=hardware_compatibility)
+    run_trt(artifact, cfg, log=progress)
+
+
+@app.command()
+def lint(
+    path: Path = typer.Argument(..., help="Artifact folder, or one .onnx file"),
+    flavor: str = typer.Option("auto", help="Real parser + build: auto, tensorrt-rtx, tensorrt or none"),
+    compute_capability: str = typer.Option("8.9", help="Target compute capability of the real build"),
+    batch: int = typer.Option(1, help="Batch the step engine is built for (its dims count as static)"),
+    step: bool = typer.Option(False, help="Lint an .onnx file as a decode-step graph (static, CUDA graphs)"),
+    as_json: bool = typer.Option(False, "--json", help="Print findings as JSON"),
+):
+    """TensorRT compatibility: static rules, then TensorRT's real parser + build; exit 1 on any error."""
+    from .trt_engines import run_lint
+
+    run_lint(path, flavor=flavor, compute_capability=compute_capability, batch=batch, step=step,
+             as_json=as_json, log=progress)
 
 
 def main() -> None:

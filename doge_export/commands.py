@@ -13,12 +13,14 @@ from .runtime import open_runner, prompts_to_ids, torch_reference
 
 
 def run_export(model: str, out: Path, *, seed: int, max_context, max_prompt, full_logits: bool,
-               exporter: str, tokenizer, allow_pickle: bool, force: bool, validate: bool, log) -> None:
+               exporter: str, tokenizer, allow_pickle: bool, force: bool, validate: bool, log,
+               dtype: str = "float32") -> None:
     from .artifact import export_artifact, prepare_out_dir
     from .export_onnx import ExportConfig
     from .model import load_model
 
-    config = ExportConfig(max_context=max_context, max_prompt=max_prompt, full_logits=full_logits, exporter=exporter)
+    config = ExportConfig(max_context=max_context, max_prompt=max_prompt, full_logits=full_logits, exporter=exporter,
+                          dtype=dtype)
     prepare_out_dir(Path(out), force)  # fail before the (slow) model load
     log(f"loading {model} ...")
     loaded = load_model(model, seed=seed, allow_pickle=allow_pickle)
@@ -31,17 +33,33 @@ def run_export(model: str, out: Path, *, seed: int, max_context, max_prompt, ful
 
 
 def validate_manifest(manifest, model, log) -> dict:
-    """Validate the ONNX Runtime graphs of `manifest` against `model`; raises on any failure."""
-    from .backends.ort import OrtRunner
-    from .backends.torch import TorchRunner
-    from .validate import failures, validate_runner
+    """Validate the graphs of `manifest` against `model` (in the artifact's dtype); raises on any failure.
 
-    log("validating against transformers (stable keep-window top-k) ...")
-    with OrtRunner(manifest) as runner:
-        report = validate_runner(runner, TorchRunner(model, manifest.info, stable_topk=True), log=log)
+    Executor: ONNX Runtime for fp32; for fp16/bf16 onnx's reference evaluator, which rounds in the
+    dtypes the graph declares, as TensorRT does (ONNX Runtime's CPU provider has no bf16 kernels
+    and runs fp16 through inserted fp32 casts, skipping those roundings). It takes minutes on
+    Doge-20M shapes.
+    """
+    import copy
+
+    from .backends.torch import TorchRunner
+    from .runtime import open_runner
+    from .validate import dtype_spread, failures, validate_runner
+
+    dtype = manifest.info.dtype
+    backend = "onnxruntime" if dtype == "float32" else "onnx-reference"
+    log(f"validating {dtype} graphs ({backend}) against transformers in {dtype} (stable keep-window top-k) ...")
+    reference = TorchRunner(model, manifest.info, stable_topk=True)
+    with open_runner(manifest, backend) as runner:
+        report = validate_runner(runner, reference, log=log)
+    if dtype != "float32":
+        fp32 = TorchRunner(copy.deepcopy(model).float(), manifest.info, stable_topk=True)
+        report["reference_spread"] = dtype_spread(reference, fp32)
+        log(f"  transformers {dtype} vs float32 on the same weights: max|diff| "
+            f"{report['reference_spread']['max_abs_logits']:.2e}")
     if not report["passed"]:
         raise DogeExportError("validation failed, nothing was written:\n  " + "\n  ".join(failures(report)))
-    return {"onnxruntime": report}
+    return {backend: report}
 
 
 def run_validate(artifact: Path, *, backend: str, model, decode_steps: int, greedy_steps: int,

@@ -19,6 +19,7 @@ import torch
 from . import spec
 from .errors import DogeExportError
 from .onnx_weights import share_weights
+from .precision import dtype_name, model_dtype, torch_dtype
 from .spec import ModelInfo
 from .wrappers import PrefillWrapper, StepWrapper
 
@@ -34,8 +35,10 @@ class ExportConfig:
     full_logits: bool = False
     exporter: str = "torchscript"
     opset: int = 17
+    dtype: str = "float32"  # graph dtype: float32, float16 or bfloat16 (fp32/fp16/bf16 accepted)
 
     def __post_init__(self):
+        object.__setattr__(self, "dtype", dtype_name(self.dtype))
         if self.exporter not in EXPORTERS:
             raise DogeExportError(f"unknown exporter {self.exporter!r}; choose one of {EXPORTERS}")
         for name in ("max_context", "max_prompt"):
@@ -62,6 +65,7 @@ def model_info(config, export: ExportConfig) -> ModelInfo:
         keep_window_size=config.keep_window_size,
         max_prompt=max_prompt,
         max_context=max_context,
+        dtype=export.dtype,
         bos_token_id=config.bos_token_id,
         eos_token_id=eos,
         pad_token_id=config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos else None),
@@ -80,12 +84,14 @@ def _example_prefill(info: ModelInfo):
 
 def _example_step(info: ModelInfo):
     B, G, C, D = 2, info.num_kv_heads, info.capacity, info.head_dim
+    dtype = torch_dtype(info.dtype)
     ids = torch.randint(3, info.vocab_size, (B, 1))
     pos = torch.full((B, 1), 7, dtype=torch.int64)
     state = []
     for _ in range(info.num_layers):
         position = torch.arange(C).expand(B, G, C).contiguous()
-        state += [torch.randn(B, G, C, D), torch.randn(B, G, C, D), torch.rand(B, G, C), position]
+        state += [torch.randn(B, G, C, D).to(dtype), torch.randn(B, G, C, D).to(dtype),
+                  torch.rand(B, G, C).to(dtype), position]
     return (ids, pos, *state)
 
 
@@ -142,7 +148,13 @@ def check_graph_io(model: onnx.ModelProto, inputs, outputs, graph: str) -> None:
 
 
 def export_graphs(model, info: ModelInfo, export: ExportConfig, out_dir: Path, log=print) -> dict:
-    """Write prefill.onnx, step.onnx and weights.bin into out_dir; returns timings and sizes."""
+    """Write prefill.onnx, step.onnx and weights.bin into out_dir; returns timings and sizes.
+
+    `model` must already be in info.dtype (precision.cast_model).
+    """
+    if model_dtype(model) != info.dtype:
+        raise DogeExportError(f"model is {model_dtype(model)} but the graphs are to be {info.dtype}: "
+                              "cast it first with doge_export.precision.cast_model")
     graphs, timings = {}, {}
     specs = spec.graph_specs(info)
     wrappers = {
@@ -161,6 +173,6 @@ def export_graphs(model, info: ModelInfo, export: ExportConfig, out_dir: Path, l
         onnx.save(graph, str(out_dir / f"{name}.onnx"))
         onnx.checker.check_model(str(out_dir / f"{name}.onnx"))
     report = {"export_seconds": timings, "nodes": {n: len(g.graph.node) for n, g in graphs.items()},
-              "opset": export.opset, "exporter": export.exporter}
+              "opset": export.opset, "exporter": export.exporter, "dtype": info.dtype}
     return {"export": report, "weights": stats}
 

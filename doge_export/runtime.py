@@ -11,11 +11,21 @@ from pathlib import Path
 from .errors import DogeExportError
 from .manifest import Manifest
 
-BACKENDS = ("onnxruntime", "torch", "tensorrt")
+BACKENDS = ("onnxruntime", "torch", "tensorrt", "onnx-reference")
 
 
 def open_runner(manifest: Manifest, backend: str = "onnxruntime", *, provider: str = "cpu",
                 threads: int | None = None, tie_log: list | None = None):
+    if backend == "onnxruntime" and manifest.info.dtype == "bfloat16":
+        raise DogeExportError(
+            "ONNX Runtime has no bfloat16 kernels on CPU, so it cannot run this bf16 artifact: use "
+            "--backend tensorrt on a GPU, or --backend onnx-reference (slow; tiny models), or "
+            "re-export with --dtype fp16 or fp32"
+        )
+    if backend == "onnx-reference":
+        from .backends.onnx_ref import OnnxReferenceRunner
+
+        return OnnxReferenceRunner(manifest)
     if backend == "onnxruntime":
         from .backends.ort import OrtRunner
 
@@ -45,10 +55,12 @@ def source_model(manifest: Manifest, model: str | None = None):
 
 
 def torch_reference(manifest: Manifest, model: str | None = None, tie_log: list | None = None):
-    """transformers' model with the artifact's tie rule (stable keep-window top-k)."""
+    """transformers' model in the artifact's dtype, with its tie rule (stable keep-window top-k)."""
     from .backends.torch import TorchRunner
+    from .precision import cast_model
 
-    return TorchRunner(source_model(manifest, model).model, manifest.info, stable_topk=True, tie_log=tie_log)
+    reference = cast_model(source_model(manifest, model).model, manifest.info.dtype)
+    return TorchRunner(reference, manifest.info, stable_topk=True, tie_log=tie_log)
 
 
 def parse_ids(text: str) -> list[int]:

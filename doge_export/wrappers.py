@@ -26,6 +26,52 @@ def min_value(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min
 
 
+def in_fp32(fn, x: torch.Tensor) -> torch.Tensor:
+    """fn(x) with one rounding to x's dtype, as PyTorch's CPU kernels do for fp16/bf16 inputs.
+
+    fp32 graphs are traced exactly as before (no Cast nodes); half graphs get an fp32 island
+    (Cast, fn, Cast), so the executor cannot compute fn in half precision with several roundings.
+    """
+    return fn(x) if x.dtype == torch.float32 else fn(x.float()).to(x.dtype)
+
+
+def softmax_fp32(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax in fp32 of the half-precision scores (+ additive mask), as transformers' eager does.
+
+    The mask is added in the activation dtype, as in transformers. In fp16, finfo.min + a score
+    below -16 overflows to -inf there, and a fully masked row (a left-padding query) becomes NaN;
+    here the fp32 scores are clipped to fp16's finite range first, which changes nothing in any
+    row that has a key to attend to, and keeps fully masked rows (and +inf biases) finite.
+    """
+    if scores.dtype == torch.float32:
+        return F.softmax(scores, dim=-1, dtype=torch.float32)
+    half = scores.dtype
+    scores = scores.float()
+    if half == torch.float16:  # bf16 spans fp32's range: its min + a score stays finite
+        limit = torch.finfo(torch.float16).max
+        scores = scores.clamp(-limit, limit)
+    return F.softmax(scores, dim=-1)
+
+
+def scale_scores(scores: torch.Tensor, D) -> torch.Tensor:
+    """scores * D**-0.5. Half precision: D is read as a constant (torch 2.13's TorchScript exporter
+    casts a shape-derived bf16 scale to COMPLEX128) and the product is taken in fp32 and rounded
+    once, as PyTorch multiplies a half tensor by a Python float."""
+    if scores.dtype == torch.float32:
+        return scores * D**-0.5
+    scale = float(int(D)) ** -0.5
+    return in_fp32(lambda s: s * scale, scores)
+
+
+def dynamic_bias(A: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+    """w = exp(A * softplus(dt)) in dt's dtype, rounded where transformers rounds it.
+
+    transformers computes it op by op in the activation dtype (softplus, Mul, exp each rounded to
+    fp16/bf16); Softplus and Exp go through in_fp32 so the graph rounds exactly once per op too.
+    """
+    return in_fp32(torch.exp, A * in_fp32(F.softplus, dt))
+
+
 class RotaryFromPositions(nn.Module):
     """cos/sin [B,S,D] from position_ids [B,S], dynamic NTK computed in the graph.
 
@@ -86,7 +132,7 @@ def project_qkv(attn, x: torch.Tensor, cos, sin, layout: Layout = NATIVE):
     v = attn.v_proj(x).view(B, S, -1, D).transpose(1, 2)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     dt = attn.dt_proj(v.transpose(1, 2).reshape(B, S, -1))  # [B,S,G]
-    w = torch.exp(attn.A * F.softplus(dt)).transpose(-1, -2)  # [B,G,S]
+    w = dynamic_bias(attn.A, dt).transpose(-1, -2)  # [B,G,S]
     if layout.bias_heads == "query" and k.shape[1] != q.shape[1]:
         R = q.shape[1] // k.shape[1]
         k = k[:, :, None].expand(B, k.shape[1], R, S, D).reshape(B, -1, S, D)
@@ -117,8 +163,8 @@ def grouped_attention(q, k, v, bias):
     B, H, S, D = q.shape
     G = k.shape[1]
     q5 = q.view(B, G, H // G, S, D)
-    scores = torch.matmul(q5, k.unsqueeze(2).transpose(-1, -2)) * D**-0.5 + bias.unsqueeze(2)
-    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    scores = scale_scores(torch.matmul(q5, k.unsqueeze(2).transpose(-1, -2)), D) + bias.unsqueeze(2)
+    probs = softmax_fp32(scores).to(q.dtype)
     out = torch.matmul(probs, v.unsqueeze(2))  # [B,G,R,S,D]
     return out.reshape(B, H, S, D).transpose(1, 2).reshape(B, S, H * D)
 
@@ -190,14 +236,21 @@ def step_attention(attn, x, cos, sin, past, layout: Layout = NATIVE):
     slot_bias = torch.where(slot_mask, torch.full_like(bias, minv), bias)  # [B,G,C]
     own_bias = torch.where(new_wins, new_bias, torch.full_like(new_bias, minv))  # [B,G]
     q4 = q.view(B, G, H // G, D)
-    scores_cache = torch.matmul(q4, key.transpose(-1, -2)) * D**-0.5 + slot_bias[:, :, None, :]
-    scores_own = (q4 * k).sum(-1, keepdim=True) * D**-0.5 + own_bias[:, :, None, None]
-    probs = F.softmax(torch.cat((scores_cache, scores_own), dim=-1), dim=-1, dtype=torch.float32)
-    probs = probs.to(q.dtype)
+    scores_cache = scale_scores(torch.matmul(q4, key.transpose(-1, -2)), D) + slot_bias[:, :, None, :]
+    scores_own = scale_scores(own_score(q4, k), D) + own_bias[:, :, None, None]
+    probs = softmax_fp32(torch.cat((scores_cache, scores_own), dim=-1)).to(q.dtype)
     C = key.shape[2]
     out = torch.matmul(probs[..., :C], value) + probs[..., C:] * v  # [B,G,R,D]
     out = attn.o_proj(out.reshape(B, 1, H * D))
     return out, (k[:, :, 0], v[:, :, 0], new_bias, slot)
+
+
+def own_score(q4: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q4 [B,G,R,D] . k [B,G,1,D] -> [B,G,R,1]. In half precision a MatMul, which accumulates in
+    fp32 like transformers' q @ k^T; a half Mul + ReduceSum would round every product."""
+    if q4.dtype == torch.float32:
+        return (q4 * k).sum(-1, keepdim=True)
+    return torch.matmul(q4, k.transpose(-1, -2))
 
 
 def silu(x: torch.Tensor) -> torch.Tensor:
@@ -207,6 +260,8 @@ def silu(x: torch.Tensor) -> torch.Tensor:
     approximation (absolute error up to 1.7e-7, relative 0.2% at |x| = 10, measured), which alone
     moved Doge-20M logits by ~4e-4. Exp and Div are accurate to an ulp or two.
     """
+    if x.dtype != torch.float32:  # half: one rounding, like F.silu on fp16/bf16
+        return in_fp32(silu, x)
     return x / (1.0 + torch.exp(-x))
 
 
@@ -228,7 +283,7 @@ def cdmoe(moe, h: torch.Tensor) -> torch.Tensor:
     all_indices = (idx_x.unsqueeze(-1) * moe.num_keys + idx_y.unsqueeze(-2)).view(B * S, -1)
     scores, position = all_scores.topk(moe.top_k, dim=-1)
     indices = all_indices.gather(-1, position)
-    weights = F.softmax(scores, dim=-1)
+    weights = in_fp32(lambda s: F.softmax(s, dim=-1), scores)
     if moe.norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     down, up = moe.down_embed(indices), moe.up_embed(indices)  # [N,T,hidden]
