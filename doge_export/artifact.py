@@ -81,7 +81,8 @@ def build_manifest(loaded: LoadedModel, info: spec.ModelInfo, result: dict, toke
         "schema_version": SCHEMA_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "doge_export_version": __version__,
-        "source": {"model": loaded.source, "seed": seed, "generation": loaded.generation},
+        "source": {"model": loaded.source, "seed": seed, "generation": loaded.generation,
+                   "overrides": loaded.overrides},
         "config": loaded.config.to_dict(),
         "generation": generation_manifest(loaded.generation, loaded.model),
         "model_info": info.to_dict(),
@@ -129,6 +130,12 @@ def export_artifact(loaded: LoadedModel, out_dir: Path, export: ExportConfig, *,
         manifest.save()
         if validate is not None:
             manifest.data["validation"] = validate(manifest)
+            manifest.save()
+        if export.quantize:  # after validation: the fp32 graphs are the ones proved against PyTorch
+            from .quantize import quantize_artifact
+
+            manifest.data["quantization"] = quantize_artifact(manifest, export.quantize, log)
+            manifest.data["files"] = file_entries(tmp, files)
             manifest.save()
         publish(tmp, out_dir)
     except BaseException:

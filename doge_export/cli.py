@@ -28,11 +28,13 @@ def onnx(
     model: str = typer.Option(..., "--model", "-m", help="Local HF folder, hub id, or random:<preset>"),
     out: Path = typer.Option(..., "--out", "-o", help="Artifact folder to create"),
     seed: int = typer.Option(0, help="Seed for random:<preset> weights"),
+    override: List[str] = typer.Option([], help="Replace a config.json key, e.g. keep_window_size=16 (experiments)"),
     max_context: Optional[int] = typer.Option(None, help="Longest padded prompt + generation [4 x max_position_embeddings]"),
     max_prompt: Optional[int] = typer.Option(None, help="Longest padded prompt [min(max_context, max_position_embeddings)]"),
     full_logits: bool = typer.Option(False, help="Prefill returns logits for every position (perplexity)"),
     exporter: str = typer.Option("torchscript", help="torch exporter: torchscript or dynamo"),
     dtype: str = typer.Option("fp32", help="Graph dtype: fp32 (CPU), fp16 or bf16 (GPU / TensorRT)"),
+    quantize: Optional[str] = typer.Option(None, help="Weight-only int8 or int4 for CPU, after fp32 validation; quality vs fp32 recorded"),
     tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer folder to ship (default: the checkpoint's)"),
     allow_pickle: bool = typer.Option(False, help="Allow pickle *.bin checkpoints (can run code)"),
     force: bool = typer.Option(False, help="Replace --out if it is an existing artifact folder"),
@@ -41,9 +43,9 @@ def onnx(
     """Export MODEL to prefill + step ONNX graphs with a manifest, validated against transformers."""
     from .commands import run_export
 
-    run_export(model, out, seed=seed, max_context=max_context, max_prompt=max_prompt, full_logits=full_logits,
+    run_export(model, out, seed=seed, overrides=override, max_context=max_context, max_prompt=max_prompt, full_logits=full_logits,
                exporter=exporter, tokenizer=tokenizer, allow_pickle=allow_pickle, force=force,
-               validate=validate, log=progress, dtype=dtype)
+               validate=validate, log=progress, dtype=dtype, quantize=quantize)
 
 
 @app.command()
@@ -102,6 +104,29 @@ def inspect(
     from .commands import run_inspect
 
     run_inspect(artifact, model, as_json=as_json)
+
+
+@app.command()
+def bench(
+    artifact: Path = typer.Argument(..., help="Artifact folder from `doge-export onnx`"),
+    backends: str = typer.Option(",".join(("torch-generate", "torch", "onnxruntime", "tensorrt")),
+                                 help="Comma-separated: torch-generate, torch, onnxruntime, tensorrt (skipped if absent)"),
+    batch: int = typer.Option(1, help="Prompts per batch (all of --prompt-len tokens)"),
+    prompt_len: int = typer.Option(128, help="Prompt tokens (random ids, seeded)"),
+    new_tokens: int = typer.Option(256, help="Tokens generated per prompt"),
+    warmup: int = typer.Option(1, help="Warm-up generations per backend, not measured"),
+    repeats: int = typer.Option(3, help="Measured generations per backend"),
+    threads: Optional[int] = typer.Option(None, help="Threads per backend [all cores]"),
+    probe_to: int = typer.Option(0, help="Also decode one prompt to this position and check step latency stays flat"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON here"),
+    plot: Optional[Path] = typer.Option(None, help="Write a PNG: latency vs position, tokens/s (needs matplotlib)"),
+):
+    """Measure backends side by side: TTFT, decode latency percentiles, tokens/s, RSS, bandwidth floor."""
+    from .commands import run_bench_command
+
+    run_bench_command(artifact, backends=backends, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
+                      warmup=warmup, repeats=repeats, threads=threads, probe_to=probe_to, json_out=json_out,
+                      plot=plot, log=progress)
 
 
 @app.command()

@@ -9,21 +9,21 @@ from pathlib import Path
 from .errors import DogeExportError
 from .generate import GenerateConfig, generate
 from .manifest import load_manifest
-from .runtime import open_runner, prompts_to_ids, torch_reference
+from .runtime import open_runner, parse_overrides, prompts_to_ids, torch_reference
 
 
-def run_export(model: str, out: Path, *, seed: int, max_context, max_prompt, full_logits: bool,
+def run_export(model: str, out: Path, *, seed: int, overrides: list[str], max_context, max_prompt, full_logits: bool,
                exporter: str, tokenizer, allow_pickle: bool, force: bool, validate: bool, log,
-               dtype: str = "float32") -> None:
+               dtype: str = "float32", quantize: str | None = None) -> None:
     from .artifact import export_artifact, prepare_out_dir
     from .export_onnx import ExportConfig
     from .model import load_model
 
     config = ExportConfig(max_context=max_context, max_prompt=max_prompt, full_logits=full_logits, exporter=exporter,
-                          dtype=dtype)
+                          dtype=dtype, quantize=quantize)
     prepare_out_dir(Path(out), force)  # fail before the (slow) model load
     log(f"loading {model} ...")
-    loaded = load_model(model, seed=seed, allow_pickle=allow_pickle)
+    loaded = load_model(model, seed=seed, allow_pickle=allow_pickle, overrides=parse_overrides(overrides))
     check = (lambda manifest: validate_manifest(manifest, loaded.model, log)) if validate else None
     manifest = export_artifact(loaded, Path(out), config, seed=seed, force=force,
                                tokenizer_dir=tokenizer, validate=check, log=log)
@@ -49,9 +49,10 @@ def validate_manifest(manifest, model, log) -> dict:
     dtype = manifest.info.dtype
     backend = "onnxruntime" if dtype == "float32" else "onnx-reference"
     log(f"validating {dtype} graphs ({backend}) against transformers in {dtype} (stable keep-window top-k) ...")
-    reference = TorchRunner(model, manifest.info, stable_topk=True)
+    ties = []
+    reference = TorchRunner(model, manifest.info, stable_topk=True, tie_log=ties)
     with open_runner(manifest, backend) as runner:
-        report = validate_runner(runner, reference, log=log)
+        report = validate_runner(runner, reference, log=log, tie_log=ties)
     if dtype != "float32":
         fp32 = TorchRunner(copy.deepcopy(model).float(), manifest.info, stable_topk=True)
         report["reference_spread"] = dtype_spread(reference, fp32)
@@ -62,14 +63,28 @@ def validate_manifest(manifest, model, log) -> dict:
     return {backend: report}
 
 
+def refuse_quantized_parity(manifest) -> None:
+    quant = manifest.data.get("quantization")
+    if quant and quant.get("mode"):
+        q = quant.get("quality") or {}
+        raise DogeExportError(
+            f"artifact '{manifest.folder}' has {quant['mode']} weights, which are never checked for parity "
+            f"against PyTorch (its quality vs the validated fp32 graphs is recorded in the manifest: top-1 "
+            f"agreement {q.get('top1_agreement')}, max |dlogit| {q.get('max_abs_dlogit')}); validate an "
+            "fp32 export instead (`doge-export onnx` without --quantize)"
+        )
+
+
 def run_validate(artifact: Path, *, backend: str, model, decode_steps: int, greedy_steps: int,
                  atol: float, as_json: bool, log) -> None:
     from .validate import ValidateConfig, failures, validate_runner
 
     manifest = load_manifest(artifact)
+    refuse_quantized_parity(manifest)
     cfg = ValidateConfig(decode_steps=decode_steps, greedy_steps=greedy_steps, atol=atol)
+    ties = []
     with open_runner(manifest, backend) as runner:
-        report = validate_runner(runner, torch_reference(manifest, model), cfg, log=log)
+        report = validate_runner(runner, torch_reference(manifest, model, tie_log=ties), cfg, log=log, tie_log=ties)
     manifest.data["validation"] = {**(manifest.data.get("validation") or {}), backend: report}
     manifest.save()
     if as_json:
@@ -156,3 +171,21 @@ def run_inspect(artifact, model, *, as_json: bool) -> None:
         raise DogeExportError("give an artifact folder, or --model M to identify a checkpoint (not both)")
     data, text = describe_artifact(artifact) if artifact else describe_checkpoint(model)
     print(json.dumps(data, indent=2) if as_json else text)
+
+
+def run_bench_command(artifact: Path, *, backends: str, json_out, plot, log, **options) -> None:
+    import shlex
+
+    from .bench import BenchConfig, run_bench
+    from .bench_report import format_table, plot_report
+
+    cfg = BenchConfig(backends=tuple(b.strip() for b in backends.split(",") if b.strip()), **options)
+    report = run_bench(artifact, cfg, log=log)
+    report["command"] = shlex.join(["doge-export", *sys.argv[1:]])
+    print(format_table(report))
+    if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=1) + "\n")
+        log(f"wrote {json_out}")
+    if plot:
+        plot_report(report, plot)
+        log(f"wrote {plot}")

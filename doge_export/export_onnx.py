@@ -36,9 +36,16 @@ class ExportConfig:
     exporter: str = "torchscript"
     opset: int = 17
     dtype: str = "float32"  # graph dtype: float32, float16 or bfloat16 (fp32/fp16/bf16 accepted)
+    quantize: str | None = None  # weight-only "int8" / "int4" after validation (quantize.py); fp32 only
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
+        if self.quantize is not None:
+            if self.quantize not in ("int8", "int4"):
+                raise DogeExportError(f"--quantize {self.quantize!r} is not supported; choose int8 or int4")
+            if self.dtype != "float32":
+                raise DogeExportError(f"--quantize needs fp32 graphs (CPU weight-only quantization), got "
+                                      f"--dtype {self.dtype}; drop one of the two options")
         if self.exporter not in EXPORTERS:
             raise DogeExportError(f"unknown exporter {self.exporter!r}; choose one of {EXPORTERS}")
         for name in ("max_context", "max_prompt"):

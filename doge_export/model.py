@@ -23,6 +23,8 @@ from .generations import checkpoint_shapes, detect_generation, require_supported
 RANDOM_PREFIX = "random:"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 SUPPORTED_ROPE = {"default", "dynamic"}
+# preset-only key: weight gain of the random init (test presets are too small to stay varied at 1)
+INIT_GAIN_KEY = "doge_export_init_gain"
 
 
 @dataclass
@@ -32,6 +34,7 @@ class LoadedModel:
     generation: str  # see generations.py
     checkpoint_dir: Path | None  # None for random presets
     generation_config: dict = field(default_factory=dict)
+    overrides: dict = field(default_factory=dict)  # config keys replaced at load time
 
     @property
     def config(self) -> DogeConfig:
@@ -52,10 +55,15 @@ def preset_config(name: str) -> dict:
     return json.loads(resources.files("doge_export.models").joinpath(f"{name}.json").read_text())
 
 
-def load_model(source: str, *, seed: int = 0, allow_pickle: bool = False) -> LoadedModel:
-    """Load `source` (random:<preset> | local folder | hub id) as an fp32 eager reference model."""
+def load_model(source: str, *, seed: int = 0, allow_pickle: bool = False,
+               overrides: dict | None = None) -> LoadedModel:
+    """Load `source` (random:<preset> | local folder | hub id) as an fp32 eager reference model.
+
+    `overrides` replace config.json keys before the model is built (experiments, tests: e.g. a
+    small keep_window_size); the artifact's manifest records them.
+    """
     if source.startswith(RANDOM_PREFIX):
-        return random_model(source[len(RANDOM_PREFIX):], seed=seed)
+        return random_model(source[len(RANDOM_PREFIX):], seed=seed, overrides=overrides)
     path = Path(source).expanduser()
     if not path.exists():
         if HUB_ID.match(source) and not source.startswith((".", "/")):
@@ -65,23 +73,36 @@ def load_model(source: str, *, seed: int = 0, allow_pickle: bool = False) -> Loa
                 f"model directory '{source}' does not exist; pass a folder with config.json and "
                 "*.safetensors, a hub id (org/name), or a preset such as random:doge-20m"
             )
-    return load_checkpoint_dir(path, source=str(path.resolve()), allow_pickle=allow_pickle)
+    return load_checkpoint_dir(path, source=str(path.resolve()), allow_pickle=allow_pickle, overrides=overrides)
 
 
-def random_model(name: str, *, seed: int = 0) -> LoadedModel:
-    config = make_config(preset_config(name))
+def random_model(name: str, *, seed: int = 0, overrides: dict | None = None) -> LoadedModel:
+    raw = preset_config(name)
+    gain = raw.pop(INIT_GAIN_KEY, 1.0)
+    config = make_config(with_overrides(raw, overrides))
     torch.manual_seed(seed)
     model = DogeForCausalLM(config)
-    randomize_(model, seed=seed)
-    return LoadedModel(_reference_mode(model), RANDOM_PREFIX + name, "native", None)
+    randomize_(model, seed=seed, gain=gain)
+    return LoadedModel(_reference_mode(model), RANDOM_PREFIX + name, "native", None, overrides=dict(overrides or {}))
 
 
-def make_config(raw: dict) -> DogeConfig:
+def with_overrides(raw: dict, overrides: dict | None) -> dict:
+    unknown = sorted(set(overrides or {}) - set(DogeConfig().to_dict()))
+    if unknown:
+        raise DogeExportError(f"unknown config key(s) to override: {', '.join(unknown)}")
+    return {**raw, **(overrides or {})}
+
+
+def check_model_type(raw: dict) -> None:
     if raw.get("model_type") != "doge":
         raise DogeExportError(
             f"config model_type is {raw.get('model_type')!r}, expected 'doge': this is not a Doge "
             "checkpoint (Doge2 'doge2' is a different architecture and not supported)"
         )
+
+
+def make_config(raw: dict) -> DogeConfig:
+    check_model_type(raw)
     config = DogeConfig(**{k: v for k, v in raw.items() if k != "transformers_version"})
     rope_type = config.rope_parameters.get("rope_type", "default")
     if rope_type not in SUPPORTED_ROPE:
@@ -94,11 +115,11 @@ def make_config(raw: dict) -> DogeConfig:
 
 
 @torch.no_grad()
-def randomize_(model: DogeForCausalLM, *, seed: int) -> None:
+def randomize_(model: DogeForCausalLM, *, seed: int, gain: float = 1.0) -> None:
     """Non-degenerate random weights: peaked logits, a live dynamic mask, varied scales.
 
     Default init gives near-uniform logits and A = 0 (no dynamic mask), under which greedy
-    matches prove nothing (facts/export-findings.md). Linear weights ~ N(0, 1/fan_in); A, the
+    matches prove nothing (facts/export-findings.md). Linear weights ~ N(0, gain^2/fan_in); A, the
     residual scales and every norm weight are randomised; the embedding is scaled so that logits
     through the (tied) lm_head have a standard deviation of about 3. Larger gains give more
     varied greedy streams but a chaotic network: fp32 rounding differences between two correct
@@ -116,7 +137,7 @@ def randomize_(model: DogeForCausalLM, *, seed: int) -> None:
             std = 2.8 / math.sqrt(hidden) if "embed_tokens" in name or "lm_head" in name else hidden**-0.5
             p.copy_(torch.randn(p.shape, generator=gen) * std)
         elif p.dim() == 2:
-            p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[1]))
+            p.copy_(torch.randn(p.shape, generator=gen) * (gain / math.sqrt(p.shape[1])))
         else:  # biases (attention_bias / mlp_bias configs)
             p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
 
@@ -140,13 +161,12 @@ def download_from_hub(repo_id: str) -> Path:
         ) from None
 
 
-def load_checkpoint_dir(path: Path, *, source: str, allow_pickle: bool) -> LoadedModel:
+def load_checkpoint_dir(path: Path, *, source: str, allow_pickle: bool, overrides: dict | None = None) -> LoadedModel:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise DogeExportError(f"'{path}' has no config.json; expected a Hugging Face model folder")
     raw = json.loads(config_file.read_text())
-    if raw.get("model_type") != "doge":
-        make_config(raw)  # refuses it with the "not a Doge checkpoint" message
+    check_model_type(raw)
     shapes, use_safetensors = checkpoint_shapes(path, allow_pickle=allow_pickle)
     detection = detect_generation(shapes, raw)
     require_supported(detection)
@@ -155,12 +175,12 @@ def load_checkpoint_dir(path: Path, *, source: str, allow_pickle: bool) -> Loade
     if detection.generation != "native":  # our reference of that generation (doge_export.legacy)
         from .legacy.load import load_legacy
 
-        model = load_legacy(path, raw, detection.generation, shapes, use_safetensors)
-        return LoadedModel(model, source, detection.generation, path, gen_cfg)
-    config = make_config(raw)
+        model = load_legacy(path, with_overrides(raw, overrides), detection.generation, shapes, use_safetensors)
+        return LoadedModel(model, source, detection.generation, path, gen_cfg, dict(overrides or {}))
+    config = make_config(with_overrides(raw, overrides))
     if "lm_head.weight" not in shapes:  # trained tied; never let lm_head be random (facts §7.2)
         config.tie_word_embeddings = True
     model = DogeForCausalLM.from_pretrained(
         path, config=config, dtype=torch.float32, use_safetensors=use_safetensors
     )
-    return LoadedModel(_reference_mode(model), source, detection.generation, path, gen_cfg)
+    return LoadedModel(_reference_mode(model), source, detection.generation, path, gen_cfg, dict(overrides or {}))

@@ -5,6 +5,12 @@ biases is unspecified; the artifacts follow ONNX TopK's rule (the earlier positi
 `make_topk_stable` swaps each attention module's `prepare_dynamic_mask` for the same computation
 with that rule, and can log whether a tie sat at the window boundary (the only place where plain
 transformers may legitimately disagree with the artifact).
+
+Layer 0's bias is a function of the token id, so repeated tokens tie; transformers computes it per
+position with GEMMs whose rounding depends on the row's place in the tile, and the "tie" comes out
+an ulp apart (measured: 1.04512882 vs 1.04512894 for one token at positions 0 and 23). The stable
+reference, like the artifact, reads layer 0's bias from one per-token table (token_bias_table), so
+such ties are exact and the rule decides them.
 """
 
 from __future__ import annotations
@@ -14,8 +20,30 @@ import types
 import torch
 
 
+from .lockstep import NEAR_TIE, exact_ties, has_near_tie, near_ties  # noqa: F401 (the log's readers)
+
+
+def boundary_gaps(values: torch.Tensor, k: int, floor: float) -> tuple[bool, float]:
+    """values sorted descending [..., n] with the first k kept; rows whose values are all <= floor
+    (masked) are ignored. -> (an exact tie across the boundary, smallest relative nonzero gap)."""
+    edge_in, edge_out = values[..., k - 1], values[..., k]
+    real = edge_out > floor
+    if not bool(real.any()):
+        return False, float("inf")
+    tie = edge_in == edge_out
+    kept, dropped = values[..., :k], values[..., k:]
+    above = torch.where(kept > edge_out[..., None], kept, torch.inf).amin(-1)  # smallest kept above the tie
+    below = torch.where(dropped < edge_in[..., None], dropped, -torch.inf).amax(-1)  # largest dropped below
+    gap = torch.where(tie, torch.minimum(above - edge_out, edge_in - below), edge_in - edge_out)
+    rel = gap / edge_in.abs().clamp_min(torch.finfo(values.dtype).tiny)
+    return bool((tie & real).any()), float(rel[real].min())
+
+
 def _stable_prepare_dynamic_mask(self, hidden_states, dt_states, keep_window_size=2048, attention_mask=None):
     # Same as transformers' DogeAttention.prepare_dynamic_mask, with a stable top-k.
+    table, ids = getattr(self, "_token_table", None), getattr(self, "_token_ids", None)
+    if table is not None and ids is not None and ids.shape[-1] == dt_states.shape[-1]:
+        dt_states = table[ids].transpose(-1, -2).to(dt_states.dtype)  # layer 0: exact ties
     min_dtype = torch.finfo(hidden_states.dtype).min
     dtype = hidden_states.dtype
     attn_mask = dt_states[:, :, None, :].expand(-1, -1, hidden_states.shape[1], -1)
@@ -28,19 +56,47 @@ def _stable_prepare_dynamic_mask(self, hidden_states, dt_states, keep_window_siz
         values, order = torch.sort(attn_mask, dim=-1, descending=True, stable=True)
         log = getattr(self, "_tie_log", None)
         if log is not None:
-            edge_in, edge_out = values[..., keep_window_size - 1], values[..., keep_window_size]
-            log.append(bool(((edge_in == edge_out) & (edge_out > min_dtype)).any()))
+            log.append(("window", *boundary_gaps(values, keep_window_size, min_dtype)))
         active = torch.zeros_like(attn_mask).scatter(-1, order[..., :keep_window_size], 1.0)
         attn_mask = attn_mask.masked_fill(active == 0.0, min_dtype)
     return attn_mask
 
 
 def make_topk_stable(model, tie_log: list | None = None) -> None:
-    """Patch every DogeAttention of `model` in place; `tie_log` collects one bool per masked call."""
+    """Patch every DogeAttention of `model` in place. `tie_log` collects, per call with a window,
+    the smallest relative gap between the last kept and the first dropped bias (0.0: an exact
+    tie, decided by the rule; <= NEAR_TIE: closer than two fp32 runtimes can agree on)."""
+    from .wrappers import token_bias_table
+
+    attention = [m for m in model.modules() if hasattr(m, "prepare_dynamic_mask") and hasattr(m, "keep_window_size")]
+    for i, module in enumerate(attention):
+        module.prepare_dynamic_mask = types.MethodType(_stable_prepare_dynamic_mask, module)
+        module._tie_log = tie_log
+        module._token_table = token_bias_table(model) if i == 0 else None
+    if tie_log is not None:
+        for moe in model.modules():
+            if hasattr(moe, "router_gate") and hasattr(moe, "num_keys") and hasattr(moe, "top_k"):
+                moe.router_gate.register_forward_hook(_routing_gap_hook(moe, tie_log))
+
+
+def _routing_gap_hook(moe, log: list):
+    """Logs the CDMoE routing margin: selected experts vs the best rejected one (facts §1.5)."""
+
+    def hook(module, inputs, output):
+        B, S, _ = inputs[0].shape
+        (scores_x, scores_y), _ = output.view(2, B * S, -1).topk(moe.num_keys, dim=-1)
+        scores = (scores_x.unsqueeze(-1) + scores_y.unsqueeze(-2)).view(B * S, -1)
+        ordered = scores.sort(dim=-1, descending=True).values
+        log.append(("route", *boundary_gaps(ordered, moe.top_k, -torch.inf)))
+
+    return hook
+
+
+def set_token_ids(model, token_ids: torch.Tensor) -> None:
+    """Tell the stable reference's layer 0 which token sits at each cached position [B, L]."""
     for module in model.modules():
-        if hasattr(module, "prepare_dynamic_mask") and hasattr(module, "keep_window_size"):
-            module.prepare_dynamic_mask = types.MethodType(_stable_prepare_dynamic_mask, module)
-            module._tie_log = tie_log
+        if getattr(module, "_token_table", None) is not None:
+            module._token_ids = token_ids
 
 
 def reset_rotary(model) -> None:

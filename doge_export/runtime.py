@@ -41,26 +41,51 @@ def open_runner(manifest: Manifest, backend: str = "onnxruntime", *, provider: s
     raise DogeExportError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
-def source_model(manifest: Manifest, model: str | None = None):
-    """The PyTorch model the artifact was exported from (or `model`, when given)."""
+def require_torch() -> None:
     try:
-        from .model import load_model
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
     except ImportError as exc:
         raise DogeExportError(
             f"the PyTorch reference needs torch and transformers ({exc}); "
             "install them with `pip install doge-export[export]`"
         ) from None
+
+
+def source_model(manifest: Manifest, model: str | None = None):
+    """The PyTorch model the artifact was exported from (or `model`, when given)."""
+    require_torch()
+    from .model import load_model
+
     source = manifest.data["source"]
-    return load_model(model or source["model"], seed=source.get("seed", 0))
+    overrides = None if model else source.get("overrides")
+    return load_model(model or source["model"], seed=source.get("seed", 0), overrides=overrides)
 
 
 def torch_reference(manifest: Manifest, model: str | None = None, tie_log: list | None = None):
     """transformers' model in the artifact's dtype, with its tie rule (stable keep-window top-k)."""
+    require_torch()
     from .backends.torch import TorchRunner
     from .precision import cast_model
 
     reference = cast_model(source_model(manifest, model).model, manifest.info.dtype)
     return TorchRunner(reference, manifest.info, stable_topk=True, tie_log=tie_log)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """["keep_window_size=16", ...] -> {"keep_window_size": 16}; values parsed as JSON when they can be."""
+    import json
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise DogeExportError(f"--override expects KEY=VALUE, got {item!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def parse_ids(text: str) -> list[int]:

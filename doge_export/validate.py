@@ -2,8 +2,10 @@
 
 Reference: transformers' DogeForCausalLM (eager) with the keep-window top-k made stable, the
 artifact's documented tie rule (DESIGN §3); without ties it equals plain transformers.
-Per case: prefill logits and state, then N teacher-forced decode steps (same tokens into both),
-then free-running greedy streams compared token by token.
+Per case: prefill state, then prefill logits and N teacher-forced decode steps in lock step
+(lockstep.py): logits within the tolerance and the same argmax, i.e. identical greedy tokens. A
+mismatch at a decision that rounding legitimately flips (a near tie) ends the comparison there
+and is reported as such, not as a failure.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from .backends.base import Runner
-from .generate import greedy_tokens, left_pad, prompt_positions
+from .generate import left_pad, prompt_positions
+from .lockstep import first_mismatch, lockstep, tie_excuse
 from .precision import TOLERANCE_WHY, dtype_name, tolerance
 from .spec import ModelInfo
 
@@ -40,12 +43,12 @@ class CaseResult:
     greedy_identical: bool = True
     first_divergence: int | None = None
     reference_finite: bool = True  # False: the reference itself overflowed (fp16) and is no reference
-    near_tie_gap: float | None = None  # half dtypes: the reference's gap between both picks at the divergence
+    tie_at: int | None = None  # call (0 = prefill) where a legitimate tie ended the comparison
+    tie_reason: str | None = None
 
     @property
     def ok(self) -> bool:
-        greedy = self.greedy_identical or self.near_tie_gap is not None
-        return greedy and self.reference_finite and all(c.ok for c in self.checks)
+        return self.greedy_identical and self.reference_finite and all(c.ok for c in self.checks)
 
 
 @dataclass(frozen=True)
@@ -77,52 +80,30 @@ def random_prompts(lengths, vocab: int, seed: int) -> list[list[int]]:
     return [rng.integers(3, vocab, n).tolist() for n in lengths]
 
 
-def compare_case(runner: Runner, reference: Runner, prompts, cfg: ValidateConfig, name: str) -> CaseResult:
+def compare_case(runner: Runner, reference: Runner, prompts, cfg: ValidateConfig, name: str,
+                 tie_log: list | None = None) -> CaseResult:
     result = CaseResult(name, [len(p) for p in prompts])
     ids, mask = left_pad(prompts, runner.info.pad_token_id or 0)
     pos = prompt_positions(mask)
-    got, want = runner.prefill(ids, mask, pos), reference.prefill(ids, mask, pos)
-    result.reference_finite &= bool(np.isfinite(want).all())
-    result.checks.append(Check("prefill.logits", float(np.abs(got - want).max()), cfg.atol))
-    result.checks += state_checks(runner, reference, ids, mask, cfg.atol)
-    tokens, positions = want.argmax(-1)[:, None], pos[:, -1:]
-    steps = min(cfg.decode_steps, runner.info.max_context - ids.shape[1])
-    worst = 0.0
-    for _ in range(steps):
-        positions = positions + 1
-        got, want = runner.step(tokens, positions), reference.step(tokens, positions)
-        result.reference_finite &= bool(np.isfinite(want).all())
-        worst = max(worst, float(np.abs(got - want).max()))
-        tokens = want.argmax(-1)[:, None]
-    result.checks.append(Check(f"step.logits ({steps} steps)", worst, cfg.atol))
-    n = min(cfg.greedy_steps, runner.info.max_context - ids.shape[1])
-    a, b = greedy_tokens(runner, prompts, n), greedy_tokens(reference, prompts, n)
-    result.greedy_steps = n
-    result.greedy_identical = a == b
-    if a != b:
-        result.first_divergence = min(next(i for i, (x, y) in enumerate(zip(ra + [-1], rb + [-2])) if x != y)
-                                      for ra, rb in zip(a, b) if ra != rb)
-        if runner.info.dtype != "float32":
-            gap = divergence_gap(reference, prompts, a, b, result.first_divergence)
-            result.near_tie_gap = gap if gap <= cfg.atol else None
+    runner.prefill(ids, mask, pos), reference.prefill(ids, mask, pos)
+    state = state_checks(runner, reference, ids, mask, cfg.atol)
+    steps = min(max(cfg.decode_steps, cfg.greedy_steps), runner.info.max_context - ids.shape[1])
+    run = lockstep(runner, reference, prompts, steps, tie_log)
+    result.reference_finite = run.reference_finite
+    call = first_mismatch(run, cfg.atol)
+    result.tie_reason = tie_excuse(run, call, cfg.atol)
+    end = call if result.tie_reason else len(run.diffs)
+    result.tie_at = call if result.tie_reason else None
+    if end > 0:
+        result.checks.append(Check("prefill.logits", run.prefill_diff, cfg.atol))
+        result.checks += state
+    if end > 1:
+        result.checks.append(Check(f"step.logits ({end - 1} steps)", max(run.diffs[1:end]), cfg.atol))
+    result.greedy_steps = min(steps, end)
+    divergence = run.first_divergence
+    result.greedy_identical = divergence is None or divergence >= end
+    result.first_divergence = divergence
     return result
-
-
-def divergence_gap(reference: Runner, prompts, got: list[list[int]], want: list[list[int]], step: int) -> float:
-    """How far apart the reference puts its own token and the runner's, where greedy first diverges.
-
-    In fp16/bf16 a top-2 gap of an ulp or two is a tie that two correct runs may break either way;
-    within the logits tolerance the divergence says nothing about the export, and the streams
-    cannot be compared past it.
-    """
-    ids, mask = left_pad(prompts, reference.info.pad_token_id or 0)
-    positions = prompt_positions(mask)
-    logits, positions = reference.prefill(ids, mask, positions), positions[:, -1:]
-    for s in range(step):
-        positions = positions + 1
-        logits = reference.step(np.array([[row[s]] for row in want]), positions)
-    rows = [r for r in range(len(want)) if got[r][step] != want[r][step]]
-    return max(float(logits[r, want[r][step]] - logits[r, got[r][step]]) for r in rows)
 
 
 def state_checks(runner: Runner, reference: Runner, ids, mask, atol: float) -> list[Check]:
@@ -150,8 +131,9 @@ def state_checks(runner: Runner, reference: Runner, ids, mask, atol: float) -> l
     return checks
 
 
-def validate_runner(runner: Runner, reference: Runner, cfg: ValidateConfig = ValidateConfig(), log=print) -> dict:
-    """Run every case; returns a JSON-able report with "passed"."""
+def validate_runner(runner: Runner, reference: Runner, cfg: ValidateConfig = ValidateConfig(), log=print,
+                    tie_log: list | None = None) -> dict:
+    """Run every case; returns a JSON-able report with "passed". tie_log: the stable reference's."""
     if cfg.atol is None:
         cfg = replace(cfg, atol=tolerance(runner.info.dtype))
     cases = cfg.prompt_lengths or default_cases(runner.info, getattr(runner, "fixed_batch", None))
@@ -159,22 +141,21 @@ def validate_runner(runner: Runner, reference: Runner, cfg: ValidateConfig = Val
     for n, lengths in enumerate(cases):
         name = f"batch {len(lengths)}, prompt {'/'.join(map(str, lengths))}"
         prompts = random_prompts(lengths, runner.info.vocab_size, cfg.seed + n)
-        result = compare_case(runner, reference, prompts, cfg, name)
+        result = compare_case(runner, reference, prompts, cfg, name, tie_log)
         for c in result.checks:
             log(f"  [{'ok' if c.ok else 'x'}] {name}: {c.output} max|diff| {c.max_abs_diff:.2e} (tol {c.tol:.3g})")
-        log(f"  [{'ok' if result.greedy_identical or result.near_tie_gap is not None else 'x'}] {name}: greedy "
+        log(f"  [{'ok' if result.greedy_identical else 'x'}] {name}: greedy "
             f"{result.greedy_steps} steps " + greedy_outcome(result))
         results.append(result)
     return report_from(results, runner, cfg, getattr(reference, "description", REFERENCE))
 
 
 def greedy_outcome(result: CaseResult) -> str:
-    if result.greedy_identical:
-        return "identical"
-    if result.near_tie_gap is not None:
-        return (f"identical up to step {result.first_divergence}, a near tie (the reference's own gap "
-                f"{result.near_tie_gap:.3g} is within the tolerance)")
-    return f"diverge at step {result.first_divergence}"
+    if not result.greedy_identical:
+        return f"diverge at step {result.first_divergence}"
+    if result.tie_at is not None:
+        return f"identical; compared up to call {result.tie_at}, where {result.tie_reason} (legitimate)"
+    return "identical"
 
 
 def report_from(results: list[CaseResult], runner: Runner, cfg: ValidateConfig, reference: str = REFERENCE) -> dict:
@@ -204,7 +185,7 @@ def failures(report: dict) -> list[str]:
         if not case.get("reference_finite", True):
             out.append(f"{case['name']}: the reference itself returned non-finite logits ({report.get('dtype')} "
                        "overflow inside transformers): this model cannot run in this dtype; export bf16 or fp32")
-        if not case["greedy_identical"] and case.get("near_tie_gap") is None:
+        if not case["greedy_identical"]:
             out.append(f"{case['name']}: greedy tokens diverge at step {case['first_divergence']}")
     return out
 

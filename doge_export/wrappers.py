@@ -115,11 +115,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-def project_qkv(attn, x: torch.Tensor, cos, sin, layout: Layout = NATIVE):
+def project_qkv(attn, x: torch.Tensor, cos, sin, layout: Layout = NATIVE, token_bias=None):
     """x [B,S,hidden] -> q [B,H,S,D], k [B,G,S,D] (normed, rotated), v [B,G,S,D], w [B,G,S].
 
     With a bias per query head (legacy layouts) the state heads are the H query heads: k/v are
-    repeated per query head and w is [B,H,S].
+    repeated per query head and w is [B,H,S]. `token_bias` [B,G,S], when given, replaces w (layer
+    0, where the bias is a function of the token id alone: see token_bias_table).
     """
     B, S, _ = x.shape
     D = attn.head_dim
@@ -132,7 +133,7 @@ def project_qkv(attn, x: torch.Tensor, cos, sin, layout: Layout = NATIVE):
     v = attn.v_proj(x).view(B, S, -1, D).transpose(1, 2)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     dt = attn.dt_proj(v.transpose(1, 2).reshape(B, S, -1))  # [B,S,G]
-    w = dynamic_bias(attn.A, dt).transpose(-1, -2)  # [B,G,S]
+    w = dynamic_bias(attn.A, dt).transpose(-1, -2) if token_bias is None else token_bias  # [B,G,S]
     if layout.bias_heads == "query" and k.shape[1] != q.shape[1]:
         R = q.shape[1] // k.shape[1]
         k = k[:, :, None].expand(B, k.shape[1], R, S, D).reshape(B, -1, S, D)
@@ -189,9 +190,9 @@ def compact_state(kept_last, k, v, w, positions, capacity: int):
     return key, value, bias, position
 
 
-def prefill_attention(attn, x, cos, sin, valid, positions, capacity, layout: Layout = NATIVE):
+def prefill_attention(attn, x, cos, sin, valid, positions, capacity, layout: Layout = NATIVE, token_bias=None):
     """x [B,T,hidden]; valid [B,T] bool (left padding) -> (out [B,T,hidden], state tuple)."""
-    q, k, v, w = project_qkv(attn, x, cos, sin, layout)
+    q, k, v, w = project_qkv(attn, x, cos, sin, layout, token_bias)
     minv = min_value(x.dtype)
     visible_key = valid[:, None, None, :]
     bias = torch.where(valid[:, None, :], w, torch.full_like(w, minv))  # [B,G,T]
@@ -220,14 +221,14 @@ def evict_slot(bias, position, new_bias):
     return slot, slot_mask, new_wins
 
 
-def step_attention(attn, x, cos, sin, past, layout: Layout = NATIVE):
+def step_attention(attn, x, cos, sin, past, layout: Layout = NATIVE, token_bias=None):
     """x [B,1,hidden]; past = (key, value, bias, position) -> (out, (new_k, new_v, new_b, slot)).
 
     The cache is only read: scores against the C slots and against the new key are softmaxed
     together (C+1 numbers per head) and only the new row comes back.
     """
     key, value, bias, position = past
-    q, k, v, w = project_qkv(attn, x, cos, sin, layout)  # q [B,H,1,D], k/v [B,G,1,D], w [B,G,1]
+    q, k, v, w = project_qkv(attn, x, cos, sin, layout, token_bias)  # q [B,H,1,D], k/v [B,G,1,D], w [B,G,1]
     B, H, _, D = q.shape
     G = key.shape[1]
     minv = min_value(x.dtype)
@@ -292,6 +293,23 @@ def cdmoe(moe, h: torch.Tensor) -> torch.Tensor:
     return dense_mlp(moe, h) + experts
 
 
+@torch.no_grad()
+def token_bias_table(model) -> torch.Tensor:
+    """Layer 0's dynamic-mask bias of every token id: [V, bias heads].
+
+    In layer 0, v = v_proj(input_layernorm(embedding)) has no position in it, so the bias is a
+    function of the token id, and repeated tokens must tie exactly (DESIGN §3). Computed per
+    position by GEMMs of different shapes (prompt vs step, growing caches), the same token's bias
+    comes out an ulp apart (measured in torch: 1.04512882 vs 1.04512894), and which repeat keeps
+    its place would then depend on kernel tiling. One table row per token makes the tie exact.
+    """
+    layer = model.model.layers[0]
+    attn = layer.self_attn
+    embedding = model.model.embed_tokens.weight  # [V, hidden]
+    v = attn.v_proj(layer.input_layernorm(embedding[None]))  # [1, V, G*D]
+    return dynamic_bias(attn.A, attn.dt_proj(v))[0]  # [V, G]
+
+
 class DogeGraph(nn.Module):
     """Shared pieces of both wrappers: embedding, layers' non-attention parts, lm_head."""
 
@@ -306,6 +324,13 @@ class DogeGraph(nn.Module):
             # One [hidden, vocab] matrix serves the lm_head MatMul and the embedding Gather
             # (axis 1), so the exported graph holds the tied weight once.
             self.lm_weight_t = nn.Parameter(model.lm_head.weight.detach().t().contiguous())
+        self.layer0_bias = nn.Parameter(token_bias_table(model), requires_grad=False)  # [V, G]
+
+    def token_bias(self, layer_index: int, input_ids: torch.Tensor):
+        """[B,G,S] bias of layer 0 looked up by token id; None for the other layers (computed)."""
+        if layer_index != 0 or self.layout.mask == "binary":
+            return None
+        return self.layer0_bias[input_ids].transpose(-1, -2)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         if not self.tied:
@@ -361,10 +386,11 @@ class PrefillWrapper(DogeGraph):
         valid = attention_mask.bool()
         states = []
         attention = self.attention()[0]
-        for layer in self.layers():
+        for i, layer in enumerate(self.layers()):
             attn_in = layer.input_layernorm(h)
+            extra = {"token_bias": bias} if (bias := self.token_bias(i, input_ids)) is not None else {}
             out, state = attention(
-                layer.self_attn, attn_in, cos, sin, valid, position_ids, self.capacity, self.layout
+                layer.self_attn, attn_in, cos, sin, valid, position_ids, self.capacity, self.layout, **extra
             )
             h = layer.input_residual * h + out
             h = self.mlp(layer, h)
@@ -385,7 +411,8 @@ class StepWrapper(DogeGraph):
         attention = self.attention()[1]
         for i, layer in enumerate(self.layers()):
             attn_in = layer.input_layernorm(h)
-            out, row = attention(layer.self_attn, attn_in, cos, sin, past[4 * i : 4 * i + 4], self.layout)
+            extra = {"token_bias": bias} if (bias := self.token_bias(i, input_ids)) is not None else {}
+            out, row = attention(layer.self_attn, attn_in, cos, sin, past[4 * i : 4 * i + 4], self.layout, **extra)
             h = layer.input_residual * h + out
             h = self.mlp(layer, h)
             rows.extend(row)

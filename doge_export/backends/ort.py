@@ -1,24 +1,33 @@
 """ONNX Runtime runner: prefill and step sessions over state buffers that never move.
 
 Imports neither torch nor transformers (a deployment box needs numpy + onnxruntime only).
-- Weights: weights.bin is memory-mapped once and handed to both sessions as shared initializers.
+- Weights: weights.bin is read once into memory and handed to both sessions as shared initializers.
 - State: numpy arrays per layer (state.py), bound once through IO binding; prefill writes its
   state outputs straight into them, the step reads them in place, and the runtime writes only the
-  new row of each layer into its slot.
+  new row of each layer into its slot (one numpy scatter for all layers).
+- No copy of the state per step: in the optimized step graph only the attention products read
+  key/value (q.K^T is a FusedMatMul with transB; tests/test_bench.py checks it), and the step
+  latency stays flat from position 100 to 8000 (benchmarks/README.md).
+- Session settings, measured on the shared 2-core machine (benchmarks/README.md): no thread
+  spinning, one thread for the step, no MLAS prepacking of fp32 weights (one packed copy per
+  session otherwise: +64 MB RSS for Doge-20M), the batch dim specialized when known.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from ..errors import DogeExportError
 from ..manifest import Manifest
-from ..spec import row_names, state_names
-from ..state import StateBuffers, numpy_dtype
+from ..spec import BATCH, row_names, state_names
+from ..state import RowBuffers, StateBuffers, numpy_dtype
 from .base import Runner
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+STEP_THREADS = 1
 
 
 def resolve_providers(provider: str) -> list[str]:
@@ -36,21 +45,50 @@ def resolve_providers(provider: str) -> list[str]:
     return [wanted] + (["CPUExecutionProvider"] if wanted != "CPUExecutionProvider" else [])
 
 
+def read_weights(path) -> np.ndarray:
+    """weights.bin read once into anonymous memory (read-only from here on).
+
+    Not a memory map: numpy asks the kernel for transparent huge pages on large buffers, and the
+    33 MB lm_head matrix-vector product of Doge-20M measured 5-15% faster from them than from the
+    4 KB page-cache pages of a mapping on this VM (and up to 5x at times of heavy contention).
+    """
+    path = Path(path)
+    buffer = np.empty(path.stat().st_size, np.uint8)
+    with open(path, "rb", buffering=0) as f:
+        assert f.readinto(memoryview(buffer)) == buffer.nbytes, path
+    buffer.flags.writeable = False
+    return buffer
+
+
 def shared_initializers(manifest: Manifest) -> dict[str, ort.OrtValue]:
-    """OrtValues over a read-only memory map of weights.bin, one per listed tensor."""
+    """OrtValues over one in-memory copy of weights.bin, one per listed tensor (views, no copies)."""
     weights = manifest.data["weights"]
-    mapped = np.memmap(manifest.path(weights["file"]), dtype=np.uint8, mode="r")
+    buffer = read_weights(manifest.path(weights["file"]))
     values = {}
     for t in weights["tensors"]:
-        array = np.ndarray(tuple(t["shape"]), numpy_dtype(t["dtype"]), buffer=mapped, offset=t["offset"])
+        array = np.ndarray(tuple(t["shape"]), numpy_dtype(t["dtype"]), buffer=buffer, offset=t["offset"])
         values[t["name"]] = ort.OrtValue.ortvalue_from_numpy(array)
     return values
 
 
-def session_from_onnx(path, initializers, providers, threads: int | None) -> ort.InferenceSession:
+def session_from_onnx(path, initializers, providers, threads: int | None, *, prepack: bool = True,
+                      batch: int | None = None) -> ort.InferenceSession:
+    """One session over the shared initializers.
+
+    - Worker threads never spin: spinning threads starve everything else on a small CPU (step
+      latency doubled on the shared 2-core machine, benchmarks/README.md).
+    - prepack=False keeps MLAS from making its own packed copy of each fp32 weight per session
+      (the lm_head alone is 33 MB for Doge-20M); a one-row step streams the weights unpacked.
+    - batch: specialize the symbolic batch dim, so the shape arithmetic of the graph folds away.
+    """
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not prepack:
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+    if batch:
+        opts.add_free_dimension_override_by_name(BATCH, batch)
     if threads:
         opts.intra_op_num_threads = threads
     for name, value in initializers.items():
@@ -59,32 +97,46 @@ def session_from_onnx(path, initializers, providers, threads: int | None) -> ort
 
 
 class OrtRunner(Runner):
+    """threads: intra-op threads of both sessions; default: all cores for prefill (compute-bound)
+    and STEP_THREADS for the step (bound by memory bandwidth, which one core nearly saturates here,
+    and thread hand-offs per node cost more than they save). batch: build the sessions for this
+    batch size (a prefill of another size rebuilds them); None keeps the batch dim symbolic."""
+
     name = "onnxruntime"
 
-    def __init__(self, manifest: Manifest, *, provider: str = "cpu", threads: int | None = None):
+    def __init__(self, manifest: Manifest, *, provider: str = "cpu", threads: int | None = None,
+                 batch: int | None = None):
         super().__init__(manifest.info)
-        providers = resolve_providers(provider)
+        self._providers = resolve_providers(provider)
+        self._threads = threads
+        self._files = {g: manifest.graph_file(g) for g in ("prefill", "step")}
+        # MatMulNBits (quantized artifacts) runs from its packed layout; fp32 weights stay as mapped
+        self._prepack = bool((manifest.data.get("quantization") or {}).get("mode"))
         self._weights = shared_initializers(manifest)  # must outlive the sessions
-        self.prefill_session = session_from_onnx(manifest.graph_file("prefill"), self._weights, providers, threads)
-        self.step_session = session_from_onnx(manifest.graph_file("step"), self._weights, providers, threads)
+        self._open_sessions(batch)
         self.providers = self.step_session.get_providers()
         self.state: StateBuffers | None = None
-        self._bind = None
+
+    def _open_sessions(self, batch: int | None) -> None:
+        step_threads = self._threads or STEP_THREADS
+        self.prefill_session = session_from_onnx(self._files["prefill"], self._weights, self._providers,
+                                                 self._threads, prepack=self._prepack, batch=batch)
+        self.step_session = session_from_onnx(self._files["step"], self._weights, self._providers,
+                                              step_threads, prepack=self._prepack, batch=batch)
+        self.session_batch = batch
 
     def _allocate(self, batch: int) -> None:
         """State, step outputs and both IO bindings for this batch size; bound once."""
         info = self.info
+        if self.session_batch not in (None, batch):
+            self._open_sessions(batch)
         self.state = StateBuffers(info, batch)
         dtype = numpy_dtype(info.dtype)
         logits_dtype = np.float32 if info.dtype == "float32" else dtype
         self.step_logits = np.zeros((batch, info.vocab_size), logits_dtype)
-        self.rows = {}
-        G, D = info.num_kv_heads, info.head_dim
-        for i in range(info.num_layers):
-            key, value, bias, slot = row_names(i)
-            self.rows.update({key: np.zeros((batch, G, D), dtype), value: np.zeros((batch, G, D), dtype),
-                              bias: np.zeros((batch, G), dtype), slot: np.zeros((batch, G), np.int64)})
-        self._values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in {**self.state.arrays, **self.rows}.items()}
+        self.rows = RowBuffers(info, batch)
+        arrays = {**self.state.arrays, **self.rows.arrays}
+        self._values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in arrays.items()}
         self._values["logits"] = ort.OrtValue.ortvalue_from_numpy(self.step_logits)
         self._step_binding = self.step_session.io_binding()
         self._prefill_binding = self.prefill_session.io_binding()

@@ -12,7 +12,7 @@ import torch
 
 from ..legacy.layouts import layout_of
 from ..legacy.state import cached_state
-from ..reference import make_topk_stable, reset_rotary
+from ..reference import make_topk_stable, reset_rotary, set_token_ids
 from ..spec import ModelInfo
 from .base import Runner
 
@@ -32,13 +32,22 @@ class TorchRunner(Runner):
             self.description += " with a stable keep-window top-k" if stable_topk else " with torch.topk"
         self.cache = None
         self.mask = None
+        self.ids = None  # every token fed so far [B, L] (the stable reference's layer-0 lookup)
+
+    def _track(self, input_ids) -> torch.Tensor:
+        ids = torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64))
+        self.ids = ids if self.ids is None else torch.cat([self.ids, ids], dim=-1)
+        set_token_ids(self.model, self.ids)
+        return ids
 
     @torch.no_grad()
     def _prefill(self, input_ids, attention_mask, position_ids):
         reset_rotary(self.model)
+        self.ids = None
+        input_ids = self._track(input_ids)
         self.mask = torch.from_numpy(np.ascontiguousarray(attention_mask, dtype=np.int64))
         out = self.model(
-            input_ids=torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)),
+            input_ids=input_ids,
             attention_mask=self.mask,
             position_ids=torch.from_numpy(np.ascontiguousarray(position_ids, dtype=np.int64)),
             use_cache=True,
@@ -51,7 +60,7 @@ class TorchRunner(Runner):
     def _step(self, input_ids, position_ids):
         self.mask = torch.cat([self.mask, self.mask.new_ones(self.mask.shape[0], 1)], dim=-1)
         out = self.model(
-            input_ids=torch.from_numpy(np.ascontiguousarray(input_ids, dtype=np.int64)),
+            input_ids=self._track(input_ids),
             attention_mask=self.mask,
             position_ids=torch.from_numpy(np.ascontiguousarray(position_ids, dtype=np.int64)),
             cache=self.cache,

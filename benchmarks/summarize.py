@@ -1,0 +1,47 @@
+"""Print the markdown table of benchmarks/README.md from the recorded JSON reports.
+
+usage: python benchmarks/summarize.py [benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ORDER = ("torch-generate", "torch", "onnxruntime", "tensorrt")
+
+
+def row(name: str, report: dict) -> str:
+    cfg, art, b = report["config"], report["artifact"], report["backends"]
+    gen, ours = b.get("torch-generate", {}), b.get("onnxruntime", {})
+    if ours.get("status") != "ok" or gen.get("status") != "ok":
+        return f"| {name} | (incomplete) |"
+    load = report["machine"].get("load_average_at_start") or [float("nan")]
+    probe = report["probe"].get("onnxruntime", {}).get("ratios", {})
+    flat = " / ".join(f"{v:.2f}" for v in probe.values()) or "-"
+    cells = [
+        name, art["quantization"] or art["dtype"], cfg["batch"], cfg["threads"] or "default",
+        f"{gen['decode_tok_s']:.1f}", f"{b['torch']['decode_tok_s']:.1f}" if b["torch"]["status"] == "ok" else "-",
+        f"{ours['decode_tok_s']:.1f}", f"**{ours['vs_torch_generate']['decode_tok_s']:.2f}x**",
+        f"{ours['latency_ms']['p50']:.2f}", f"{ours['floor_ms']:.2f}", f"{ours['floor_ratio']:.2f}",
+        f"{ours['ttft_ms']:.0f} / {gen['ttft_ms']:.0f}", f"{ours['rss_budget_ratio']:.2f}", flat,
+        f"{report['machine']['bandwidth_gb_s']['used']:.1f}", f"{load[0]:.1f}",
+    ]
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+HEADER = ("| run | weights | batch | threads | torch-generate tok/s | torch tok/s | onnxruntime tok/s | "
+          "ort / generate | ort p50 ms | floor ms | p50 / floor | TTFT ms ort / generate | "
+          "ort RSS / (w+s) | step flatness (fill 2000, pos 8000 vs 100) | GB/s | load |\n"
+          + "|---" * 16 + "|")
+
+
+def main(folder: Path) -> None:
+    print(HEADER)
+    for path in sorted(folder.glob("*.json")):
+        print(row(path.stem, json.loads(path.read_text())))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parent / "results")

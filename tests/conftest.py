@@ -1,0 +1,89 @@
+"""Shared fixtures: random-weight Doge models and their exported artifact folders.
+
+Artifacts are exported once per session (cached by preset, seed and options). Tests that need
+what a machine lacks skip with a reason naming it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+REFERENCE_TOKENIZER = REPO.parent / "shared" / "reference" / "doge-tokenizer"
+# small windows and positions so short tests cross the keep window and the dynamic NTK RoPE start
+CROSSING = {"keep_window_size": 16, "max_position_embeddings": 64}
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory):
+    """artifacts(preset, seed=0, overrides=None, **export_options) -> (Manifest, LoadedModel)."""
+    from doge_export.artifact import export_artifact
+    from doge_export.export_onnx import ExportConfig
+    from doge_export.model import load_model
+
+    cache = {}
+
+    def make(preset: str, seed: int = 0, overrides: dict | None = None, **options):
+        key = (preset, seed, tuple(sorted((overrides or {}).items())), tuple(sorted(options.items())))
+        if key not in cache:
+            loaded = load_model(f"random:{preset}", seed=seed, overrides=overrides)
+            out = tmp_path_factory.mktemp("artifact") / preset
+            manifest = export_artifact(loaded, out, ExportConfig(**options), seed=seed, log=lambda *a: None)
+            cache[key] = (manifest, loaded)
+        return cache[key]
+
+    return make
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `doge-export ARGS` in a fresh interpreter (exit code, stdout, stderr as the user sees them)."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "doge_export.cli", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=REPO)
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Exit code 1, one clear `error:` line on stderr, no traceback."""
+    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+def save_checkpoint(loaded, folder: Path, *, safetensors: bool = True) -> Path:
+    """Write a random model as a Hugging Face folder (config.json + weights)."""
+    loaded.model.save_pretrained(folder, safe_serialization=safetensors)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint(tmp_path_factory):
+    """random:tiny saved as a local Hugging Face folder (tied: the file holds no lm_head)."""
+    from doge_export.model import load_model
+
+    return save_checkpoint(load_model("random:tiny", seed=4), tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def pickle_checkpoint(tmp_path_factory):
+    """random:tiny as a folder with only a pickle pytorch_model.bin."""
+    import json
+
+    import torch
+
+    from doge_export.model import load_model
+
+    loaded = load_model("random:tiny", seed=4)
+    folder = tmp_path_factory.mktemp("pickle") / "tiny"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(loaded.config.to_dict()))
+    state = {k: v for k, v in loaded.model.state_dict().items() if k != "lm_head.weight"}
+    torch.save(state, folder / "pytorch_model.bin")
+    return folder

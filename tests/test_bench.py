@@ -1,0 +1,102 @@
+"""`doge-export bench` runs and reports every field; the step reads the state where it lies.
+
+No timing is asserted anywhere (the machine is shared and noisy): benchmarks are commands, their
+numbers are recorded under benchmarks/.
+"""
+
+import importlib.util
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from doge_export.backends.ort import OrtRunner, shared_initializers
+from doge_export.bench import BenchConfig, step_weight_bytes
+from doge_export.errors import DogeExportError
+from doge_export.spec import state_names
+
+from conftest import assert_user_error, run_cli
+
+LATENCY = ("p50", "p90", "p99")
+
+
+@pytest.fixture(scope="module")
+def tiny(artifacts):
+    return artifacts("tiny", seed=1)[0]
+
+
+def test_bench_runs_and_json_has_the_fields(tiny, tmp_path):
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    plot = ["--plot", str(png)] if importlib.util.find_spec("matplotlib") else []
+    result = run_cli("bench", str(tiny.folder), "--prompt-len", "8", "--new-tokens", "6", "--warmup", "1",
+                     "--repeats", "2", "--probe-to", "240", "--json", str(out), *plot)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["command"].startswith("doge-export bench ")
+    machine = report["machine"]
+    for key in ("cpu_model", "logical_cores", "versions", "bandwidth_gb_s"):
+        assert machine[key], key
+    assert machine["versions"]["onnxruntime"] and machine["bandwidth_gb_s"]["used"] > 0
+    backends = report["backends"]
+    assert set(backends) == {"torch-generate", "torch", "onnxruntime", "tensorrt"}
+    for name in ("torch-generate", "torch", "onnxruntime"):
+        entry = backends[name]
+        assert entry["status"] == "ok", entry
+        for key in ("ttft_ms", "decode_tok_s", "e2e_tok_s", "peak_rss_mb", "runtime_rss_mb", "floor_ms",
+                    "floor_ratio", "bytes_per_token"):
+            assert entry[key] > 0, (name, key)
+        assert all(entry["latency_ms"][q] > 0 for q in LATENCY)
+        assert len(entry["latency_by_step_ms"]) == 5
+    assert backends["onnxruntime"]["imports_torch"] is False
+    assert backends["tensorrt"]["status"] in ("ok", "skipped")
+    probe = report["probe"]["onnxruntime"]
+    assert probe["last_position"] == 239 and probe["ratios"]["end_vs_start"] > 0
+    assert "onnxruntime" in result.stdout and "p50/floor" in result.stdout
+    if plot:
+        assert png.stat().st_size > 10_000
+
+
+def test_bench_user_errors(tiny):
+    assert_user_error(run_cli("bench", str(tiny.folder), "--backends", "torch,jax"), "unknown backend", "jax")
+    assert_user_error(run_cli("bench", str(tiny.folder), "--prompt-len", "1000"), "does not fit")
+    with pytest.raises(DogeExportError, match="new-tokens"):
+        BenchConfig(new_tokens=1)
+
+
+def test_step_weight_bytes_counts_every_matrix_once(tiny):
+    listed = sum(t["length"] for t in tiny.data["weights"]["tensors"])
+    assert 0 < step_weight_bytes(tiny) <= listed
+
+
+def test_optimized_step_reads_the_state_in_place(tiny, tmp_path):
+    """In ONNX Runtime's optimized step graph only the attention products read key/value: no
+    Transpose, Concat, Reshape or copy of the cache (q.K^T is a FusedMatMul with transB)."""
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.optimized_model_filepath = str(tmp_path / "step.opt.onnx")
+    weights = shared_initializers(tiny)  # must outlive the session
+    for name, value in weights.items():
+        opts.add_initializer(name, value)
+    ort.InferenceSession(str(tiny.graph_file("step")), opts, providers=["CPUExecutionProvider"])
+    del weights
+    graph = onnx.load(opts.optimized_model_filepath, load_external_data=False).graph
+    for layer in range(tiny.info.num_layers):
+        key, value = state_names(layer)[:2]
+        readers = {n.op_type for n in graph.node if key in n.input or value in n.input}
+        assert readers <= {"MatMul", "FusedMatMul", "Shape"}, (layer, readers)  # Shape reads no data
+
+
+def test_runner_state_buffers_never_move(tiny):
+    """Prefill writes into the bound buffers and each step writes rows into them in place."""
+    with OrtRunner(tiny) as runner:
+        ids = np.arange(3, 13, dtype=np.int64)[None]
+        logits = runner.prefill(ids, np.ones_like(ids), np.arange(10)[None])
+        arrays = {n: a for n, a in runner.state.arrays.items()}
+        pointers = {n: a.ctypes.data for n, a in arrays.items()}
+        for position in range(10, 40):
+            logits = runner.step(logits.argmax(-1)[:, None], np.array([[position]]))
+        assert {n: a.ctypes.data for n, a in runner.state.arrays.items()} == pointers
+        assert all(runner.state.arrays[n] is a for n, a in arrays.items())
+        assert (runner.state.arrays["position.0"] >= 0).all()  # the window filled up in place

@@ -1,0 +1,153 @@
+"""The command line as a user meets it: results, and bad inputs with one clear line, exit 1,
+no traceback and nothing left behind (issue 2 Done-when)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from conftest import assert_user_error, run_cli
+
+
+@pytest.fixture(scope="module")
+def small(artifacts):
+    """A tiny artifact with short limits: max prompt 8, max context 40."""
+    manifest, _ = artifacts("tiny", max_prompt=8, max_context=40)
+    return manifest.folder
+
+
+def test_help_lists_the_commands():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("onnx", "generate", "validate", "inspect"):
+        assert command in result.stdout
+
+
+def test_export_generate_validate_inspect_roundtrip(tmp_path):
+    out = tmp_path / "art"
+    result = run_cli("onnx", "--model", "random:tiny", "--out", str(out), "--override", "keep_window_size=8")
+    assert result.returncode == 0, result.stderr
+    assert "[ok]" in result.stderr and "wrote" in result.stderr  # progress went to stderr
+    manifest = json.loads((out / "doge_export.json").read_text())
+    assert manifest["validation"]["onnxruntime"]["passed"] is True
+    assert manifest["model_info"]["capacity"] == 8
+    gen = run_cli("generate", str(out), "--input-ids", "5,6,7", "--input-ids", "9", "--max-new-tokens", "5", "--json")
+    assert gen.returncode == 0, gen.stderr
+    data = json.loads(gen.stdout)
+    assert [len(t) for t in data["tokens"]] == [5, 5] and data["text"] == [None, None]
+    assert run_cli("validate", str(out)).returncode == 0
+    shown = run_cli("inspect", str(out))
+    assert shown.returncode == 0 and "8 slots" in shown.stdout
+
+
+def test_generate_backends_agree_on_doge_20m(artifacts):
+    """`doge-export generate` prints the same tokens for onnxruntime and torch (random:doge-20m)."""
+    manifest, _ = artifacts("doge-20m", seed=2)
+    outputs = {}
+    for backend in ("onnxruntime", "torch"):
+        result = run_cli("generate", str(manifest.folder), "--input-ids", "17,923,4051,88,1200",
+                         "--input-ids", "31,7", "--max-new-tokens", "24", "--backend", backend, "--json")
+        assert result.returncode == 0, result.stderr
+        outputs[backend] = json.loads(result.stdout)["tokens"]
+    assert outputs["onnxruntime"] == outputs["torch"]
+    assert len(set(outputs["onnxruntime"][0])) > 4  # not one repeated token
+
+
+def no_leftovers(parent, name: str) -> bool:
+    return not (parent / name).exists() and not list(parent.glob(f".{name}.partial-*"))
+
+
+def test_missing_model_dir(tmp_path):
+    result = run_cli("onnx", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "out"))
+    assert_user_error(result, "does not exist")
+    assert no_leftovers(tmp_path, "out")
+
+
+def test_config_that_is_not_doge(tmp_path):
+    ckpt = tmp_path / "llama"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+    result = run_cli("onnx", "--model", str(ckpt), "--out", str(tmp_path / "out"))
+    assert_user_error(result, "not a Doge checkpoint")
+    assert no_leftovers(tmp_path, "out")
+
+
+def test_pickle_only_checkpoint_is_refused(tmp_path, pickle_checkpoint):
+    result = run_cli("onnx", "--model", str(pickle_checkpoint), "--out", str(tmp_path / "out"))
+    assert_user_error(result, "pickle", "--allow-pickle")
+    assert no_leftovers(tmp_path, "out")
+
+
+def test_output_dir_that_exists(tmp_path, small):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "mine.txt").write_text("user data")
+    assert_user_error(run_cli("onnx", "--model", "random:tiny", "--out", str(out)), "already exists", "--force")
+    # --force replaces artifact folders only, never a folder of other files
+    assert_user_error(run_cli("onnx", "--model", "random:tiny", "--out", str(out), "--force"), "not a doge-export")
+    assert (out / "mine.txt").read_text() == "user data"
+
+
+def test_force_replaces_an_artifact(tmp_path, small):
+    out = tmp_path / "again"
+    shutil.copytree(small, out)
+    result = run_cli("onnx", "--model", "random:tiny", "--out", str(out), "--force", "--no-validate", "--seed", "1")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "doge_export.json").read_text())["source"]["seed"] == 1
+
+
+def test_tampered_artifact(tmp_path, small):
+    art = tmp_path / "tampered"
+    shutil.copytree(small, art)
+    with open(art / "weights.bin", "r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    result = run_cli("generate", str(art), "--input-ids", "1,2,3")
+    assert_user_error(result, "weights.bin", "checksum")
+
+
+def test_unknown_schema_version(tmp_path, small):
+    art = tmp_path / "future"
+    shutil.copytree(small, art)
+    data = json.loads((art / "doge_export.json").read_text())
+    data["schema_version"] = 99
+    (art / "doge_export.json").write_text(json.dumps(data))
+    assert_user_error(run_cli("generate", str(art), "--input-ids", "1,2,3"), "schema version 99")
+
+
+def test_prompt_longer_than_max_prompt(small):
+    ids = ",".join(str(i) for i in range(3, 12))  # 9 > max prompt 8
+    assert_user_error(run_cli("generate", str(small), "--input-ids", ids), "max prompt length 8")
+
+
+def test_prompt_plus_generation_beyond_max_context(small):
+    assert_user_error(run_cli("generate", str(small), "--input-ids", "5,6", "--max-new-tokens", "39"), "max context 40")
+
+
+def test_token_id_outside_vocab(small):
+    assert_user_error(run_cli("generate", str(small), "--input-ids", "5,512"), "512", "vocabulary")
+
+
+@pytest.mark.parametrize("option,value,expected", [
+    ("--temperature", "-0.5", "temperature must be >= 0"),
+    ("--top-p", "0", "top_p must be in (0, 1]"),
+    ("--top-p", "1.5", "top_p must be in (0, 1]"),
+    ("--top-k", "-1", "top_k must be >= 0"),
+])
+def test_invalid_sampling_values(small, option, value, expected):
+    assert_user_error(run_cli("generate", str(small), "--input-ids", "5,6", option, value), expected)
+
+
+def test_text_prompt_without_tokenizer(small):
+    assert_user_error(run_cli("generate", str(small), "--prompt", "hello"), "no tokenizer", "--input-ids")
+
+
+def test_malformed_input_ids(small):
+    assert_user_error(run_cli("generate", str(small), "--input-ids", "5,x"), "comma-separated integers")
+
+
+def test_missing_artifact(tmp_path):
+    assert_user_error(run_cli("generate", str(tmp_path / "none"), "--input-ids", "1"), "does not exist")

@@ -1,0 +1,77 @@
+"""`doge-export onnx --quantize int8|int4`: what is quantized, the shared tied matrix, the quality
+record, and that a quantized artifact is never used for parity checks."""
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+from conftest import assert_user_error, run_cli
+from doge_export.backends.ort import OrtRunner
+from doge_export.errors import DogeExportError
+from doge_export.export_onnx import ExportConfig
+from doge_export.generate import GenerateConfig, generate
+from doge_export.quantize import quantize_model
+
+K, N = 64, 512
+
+
+def _tied_graph() -> onnx.ModelProto:
+    """The wrappers' tied layout: W [hidden, vocab] feeds a Gather on axis 1 and the lm_head MatMul."""
+    w = np.random.default_rng(0).standard_normal((K, N)).astype(np.float32)
+    nodes = [h.make_node("Gather", ["W", "ids"], ["cols"], name="embed", axis=1),
+             h.make_node("Transpose", ["cols"], ["rows"], name="rows", perm=[1, 0]),
+             h.make_node("MatMul", ["x", "W"], ["logits"], name="lm_head")]
+    inputs = [h.make_tensor_value_info("ids", T.INT64, ["n"]), h.make_tensor_value_info("x", T.FLOAT, ["m", K])]
+    outputs = [h.make_tensor_value_info("rows", T.FLOAT, ["n", K]), h.make_tensor_value_info("logits", T.FLOAT, ["m", N])]
+    graph = h.make_graph(nodes, "tied", inputs, outputs, [nh.from_array(w, "W")])
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_tied_matrix_is_stored_once_and_gathered_from_the_packed_bytes(bits):
+    model = _tied_graph()
+    w = nh.to_array(model.graph.initializer[0])
+    quantized = quantize_model(model, bits, accuracy_level=0)  # fp32 activations: exact read-back
+    ops = [n.op_type for n in quantized.graph.node]
+    assert "MatMulNBits" in ops and "GatherBlockQuantized" in ops and "Gather" not in ops
+    assert "W" not in {t.name for t in quantized.graph.initializer}  # no fp32 copy left
+    session = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([0, 7, N - 1, 100])
+    # the identity as input reads back the dequantized matrix that MatMulNBits multiplies
+    rows, dequantized = session.run(None, {"ids": ids, "x": np.eye(K, dtype=np.float32)})
+    np.testing.assert_array_equal(rows, dequantized[:, ids].T)  # the same bytes, the same values
+    step = np.abs(w).max() / (127 if bits == 8 else 7)
+    assert np.abs(dequantized - w).max() <= step  # and they are a rounding of the fp32 matrix
+
+
+def test_quantize_options_are_checked():
+    with pytest.raises(DogeExportError, match="int3"):
+        ExportConfig(quantize="int3")
+    with pytest.raises(DogeExportError, match="fp32"):
+        ExportConfig(quantize="int8", dtype="float16")
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_artifact_records_quality_and_runs(artifacts, mode):
+    manifest, _ = artifacts("tiny", seed=2, quantize=mode)
+    quant = manifest.data["quantization"]
+    assert quant["mode"] == mode and "lm_weight_t" in quant["quantized"]
+    assert quant["weights_bytes"] < quant["weights_bytes_fp32"]
+    quality = quant["quality"]
+    assert quality["steps"] > 200 and 0 <= quality["top1_agreement"] <= 1
+    assert quality["max_abs_dlogit"] > 0  # quantized: never bit-equal, and never called exact
+    assert json.loads((manifest.folder / "doge_export.json").read_text())["quantization"] == quant
+    with OrtRunner(manifest) as runner:
+        tokens = generate(runner, [[5, 6, 7]], GenerateConfig(max_new_tokens=8, stop_ids=())).tokens
+    assert len(tokens[0]) == 8
+
+
+def test_quantized_artifact_refuses_parity_validation(artifacts):
+    manifest, _ = artifacts("tiny", seed=2, quantize="int8")
+    assert_user_error(run_cli("validate", str(manifest.folder)), "never checked for parity", "top-1")
