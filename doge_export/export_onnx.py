@@ -165,8 +165,8 @@ def export_graphs(model, info: ModelInfo, export: ExportConfig, out_dir: Path, l
     graphs, timings = {}, {}
     specs = spec.graph_specs(info)
     wrappers = {
-        "prefill": (PrefillWrapper(model, info.capacity, info.full_logits), _example_prefill(info)),
-        "step": (StepWrapper(model), _example_step(info)),
+        "prefill": (PrefillWrapper(model, info.capacity, info.full_logits, info.max_context), _example_prefill(info)),
+        "step": (StepWrapper(model, info.max_context), _example_step(info)),
     }
     for name, (wrapper, args) in wrappers.items():
         start = time.perf_counter()

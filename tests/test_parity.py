@@ -20,6 +20,7 @@ from doge_export.reference import NEAR_TIE, exact_ties, near_ties
 
 ATOL = 1e-4
 STEPS = 256
+MAX_CONTEXT = 320
 # seeds whose greedy streams stay varied for 256 steps (measured; a collapsed stream proves little)
 SEEDS = {"tiny": 7, "tiny-moe": 7, "doge-20m": 2, "doge-20m-moe": 7}
 PRESETS = list(SEEDS)
@@ -41,7 +42,8 @@ def check_lockstep(result, label: str) -> None:
 @pytest.mark.parametrize("batch", sorted(BATCHES))
 @pytest.mark.parametrize("preset", PRESETS)
 def test_ort_matches_stable_transformers_for_256_steps(artifacts, preset, batch):
-    manifest, loaded = artifacts(preset, seed=SEEDS[preset], overrides=CROSSING)
+    # max_context covers prompt + 256 steps (the runtime refuses positions past it)
+    manifest, loaded = artifacts(preset, seed=SEEDS[preset], overrides=CROSSING, max_context=MAX_CONTEXT)
     assert manifest.info.capacity == 16
     prompts = varied_prompts(BATCHES[batch], loaded.config.vocab_size, seed=11)
     with OrtRunner(manifest) as runner:
@@ -143,7 +145,7 @@ def test_plain_transformers_agrees_except_at_ties(artifacts, preset):
     the routing, or between the top two logits."""
     from doge_export.model import load_model
 
-    manifest, loaded = artifacts(preset, seed=SEEDS[preset], overrides=CROSSING)
+    manifest, loaded = artifacts(preset, seed=SEEDS[preset], overrides=CROSSING, max_context=MAX_CONTEXT)
     plain = TorchRunner(load_model(f"random:{preset}", seed=SEEDS[preset], overrides=CROSSING).model, manifest.info)
     prompts = varied_prompts((24, 10), loaded.config.vocab_size, seed=21)
     with OrtRunner(manifest) as runner:
