@@ -32,8 +32,15 @@ ACCURACY_LEVEL = 4
 
 
 def check_mode(mode: str | None) -> None:
-    if mode is not None and mode not in MODES:
+    if mode is None:
+        return
+    if mode not in MODES:
         raise DogeExportError(f"--quantize {mode!r} is not supported; choose one of {', '.join(MODES)}")
+    try:  # checked before any export work: the quantizer is the last step
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer  # noqa: F401
+    except ImportError as error:
+        raise DogeExportError(f"--quantize needs onnxruntime's quantization tools ({error}); "
+                              "install them with: pip install onnx onnx-ir") from None
 
 
 def _initializers(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
