@@ -51,6 +51,7 @@ class Lockstep:
     tokens: list[np.ndarray] = field(default_factory=list)  # the reference's greedy tokens per call
     near_tie_calls: list[bool] = field(default_factory=list)  # per call: did a rounding-level tie occur?
     reference_finite: bool = True
+    reference_scale: float = 0.0  # the reference's largest finite |logit| over all calls
 
     @property
     def max_step_diff(self) -> float:
@@ -77,7 +78,9 @@ def lockstep(runner, reference, prompts: list[list[int]], steps: int, tie_log: l
     result.near_tie_calls.append(has_near_tie(log[start:]))
     positions = pos[:, -1:]
     for step in range(steps + 1):
-        result.reference_finite &= bool(np.isfinite(want).all())
+        finite = np.isfinite(want)
+        result.reference_finite &= bool(finite.all())
+        result.reference_scale = max(result.reference_scale, float(np.abs(want[finite]).max(initial=0.0)))
         if result.first_divergence is None and not np.array_equal(got.argmax(-1), want.argmax(-1)):
             result.first_divergence, result.top2_gap_at_divergence = step, top2_gap(want)
         tokens = want.argmax(-1)[:, None]

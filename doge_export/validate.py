@@ -17,7 +17,7 @@ import numpy as np
 from .backends.base import Runner
 from .generate import left_pad, prompt_positions
 from .lockstep import first_mismatch, lockstep, tie_excuse
-from .precision import TOLERANCE_WHY, dtype_name, tolerance
+from .precision import TOLERANCE_WHY, dtype_name, relative_tolerance, tolerance
 from .spec import ModelInfo
 
 REFERENCE = "transformers DogeForCausalLM (eager attention) with a stable keep-window top-k"
@@ -57,6 +57,7 @@ class ValidateConfig:
     decode_steps: int = 16
     greedy_steps: int = 32
     atol: float | None = None  # None: the artifact dtype's tolerance (precision.TOLERANCES)
+    rtol: float | None = None  # logits: atol + rtol x max|reference logits|; None: the dtype's
     seed: int = 0
 
 
@@ -90,15 +91,16 @@ def compare_case(runner: Runner, reference: Runner, prompts, cfg: ValidateConfig
     steps = min(max(cfg.decode_steps, cfg.greedy_steps), runner.info.max_context - ids.shape[1])
     run = lockstep(runner, reference, prompts, steps, tie_log)
     result.reference_finite = run.reference_finite
-    call = first_mismatch(run, cfg.atol)
-    result.tie_reason = tie_excuse(run, call, cfg.atol)
+    tol = cfg.atol + (cfg.rtol or 0.0) * run.reference_scale
+    call = first_mismatch(run, tol)
+    result.tie_reason = tie_excuse(run, call, tol)
     end = call if result.tie_reason else len(run.diffs)
     result.tie_at = call if result.tie_reason else None
     if end > 0:
-        result.checks.append(Check("prefill.logits", run.prefill_diff, cfg.atol))
+        result.checks.append(Check("prefill.logits", run.prefill_diff, tol))
         result.checks += state
     if end > 1:
-        result.checks.append(Check(f"step.logits ({end - 1} steps)", max(run.diffs[1:end]), cfg.atol))
+        result.checks.append(Check(f"step.logits ({end - 1} steps)", max(run.diffs[1:end]), tol))
     result.greedy_steps = min(steps, end)
     divergence = run.first_divergence
     result.greedy_identical = divergence is None or divergence >= end
@@ -136,6 +138,8 @@ def validate_runner(runner: Runner, reference: Runner, cfg: ValidateConfig = Val
     """Run every case; returns a JSON-able report with "passed". tie_log: the stable reference's."""
     if cfg.atol is None:
         cfg = replace(cfg, atol=tolerance(runner.info.dtype))
+        if cfg.rtol is None:
+            cfg = replace(cfg, rtol=relative_tolerance(runner.info.dtype))
     cases = cfg.prompt_lengths or default_cases(runner.info, getattr(runner, "fixed_batch", None))
     results = []
     for n, lengths in enumerate(cases):
@@ -165,6 +169,7 @@ def report_from(results: list[CaseResult], runner: Runner, cfg: ValidateConfig, 
         "reference": reference + (f", run in {runner.info.dtype}" if runner.info.dtype != "float32" else ""),
         "dtype": runner.info.dtype,
         "atol": cfg.atol,
+        "rtol": cfg.rtol or 0.0,  # logits: atol + rtol x max|reference logits| (each check's "tol")
         "atol_why": TOLERANCE_WHY[dtype_name(runner.info.dtype)] if cfg.atol == tolerance(runner.info.dtype)
         else "given by the caller",
         "cases": [
