@@ -67,8 +67,11 @@ def top2_gap(logits: np.ndarray) -> float:
     return float((part[:, 1] - part[:, 0]).min())
 
 
-def lockstep(runner, reference, prompts: list[list[int]], steps: int, tie_log: list | None = None) -> Lockstep:
-    """Prefill, then `steps` teacher-forced steps; tie_log: the stable reference's log (reference.py)."""
+def lockstep(runner, reference, prompts: list[list[int]], steps: int, tie_log: list | None = None,
+             forced: np.ndarray | None = None) -> Lockstep:
+    """Prefill, then `steps` teacher-forced steps; tie_log: the stable reference's log (reference.py).
+
+    The tokens fed are the reference's greedy ones, or `forced` [steps, B] when given."""
     log = tie_log if tie_log is not None else []
     ids, mask = left_pad(prompts, runner.info.pad_token_id or 0)
     pos = prompt_positions(mask)
@@ -83,7 +86,7 @@ def lockstep(runner, reference, prompts: list[list[int]], steps: int, tie_log: l
         result.reference_scale = max(result.reference_scale, float(np.abs(want[finite]).max(initial=0.0)))
         if result.first_divergence is None and not np.array_equal(got.argmax(-1), want.argmax(-1)):
             result.first_divergence, result.top2_gap_at_divergence = step, top2_gap(want)
-        tokens = want.argmax(-1)[:, None]
+        tokens = want.argmax(-1)[:, None] if forced is None or step == steps else forced[step][:, None]
         result.tokens.append(tokens[:, 0])
         if step == steps:
             break

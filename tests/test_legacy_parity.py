@@ -19,6 +19,7 @@ from doge_export.backends.torch import TorchRunner
 from doge_export.reference import exact_ties
 from doge_export.export_onnx import ExportConfig
 from doge_export.generate import left_pad, prompt_positions
+from doge_export.lockstep import lockstep
 from doge_export.model import load_model
 from doge_export.validate import state_checks
 
@@ -52,25 +53,15 @@ def exported(tmp_path_factory):
     return make
 
 
-def lockstep(runner, reference, prompts, steps: int, forced=None):
-    """Feed both the reference's greedy tokens (or `forced` [steps, B] tokens);
-    -> (worst prefill diff, worst step diff, first step whose argmax differs, prefill state checks)."""
+def lockstep_with_state(runner, reference, prompts, steps: int, forced=None):
+    """doge_export.lockstep over greedy (or `forced` [steps, B]) tokens, plus the prefill state checks;
+    -> (prefill max|dlogit|, worst step max|dlogit|, first call whose argmax differs, state checks)."""
     ids, mask = left_pad(prompts, runner.info.pad_token_id or 0)
     pos = prompt_positions(mask)
-    got, want = runner.prefill(ids, mask, pos), reference.prefill(ids, mask, pos)
-    prefill, worst, mismatch = float(np.abs(got - want).max()), 0.0, None
+    runner.prefill(ids, mask, pos), reference.prefill(ids, mask, pos)
     states = state_checks(runner, reference, ids, mask, ATOL)
-    positions = pos[:, -1:]
-    for step in range(steps + 1):
-        if mismatch is None and not np.array_equal(got.argmax(-1), want.argmax(-1)):
-            mismatch = step
-        if step == steps:
-            break
-        tokens = want.argmax(-1)[:, None] if forced is None else forced[step][:, None]
-        positions = positions + 1
-        got, want = runner.step(tokens, positions), reference.step(tokens, positions)
-        worst = max(worst, float(np.abs(got - want).max()))
-    return prefill, worst, mismatch, states
+    result = lockstep(runner, reference, prompts, steps, forced=forced)
+    return result.prefill_diff, result.max_step_diff, result.first_divergence, states
 
 
 def varied_tokens(lengths, steps: int, seed: int = 11):
@@ -97,8 +88,8 @@ def test_ort_matches_our_reference_for_128_steps(exported, variant, batch):
     prompts, forced = varied_tokens(BATCHES[batch], STEPS)
     with OrtRunner(manifest) as runner:
         reference = TorchRunner(loaded.model, manifest.info, stable_topk=True)
-        prefill, worst, mismatch, states = lockstep(runner, reference, prompts, STEPS)
-        _, forced_worst, _, _ = lockstep(runner, reference, prompts, STEPS, forced)
+        prefill, worst, mismatch, states = lockstep_with_state(runner, reference, prompts, STEPS)
+        _, forced_worst, _, _ = lockstep_with_state(runner, reference, prompts, STEPS, forced)
     assert prefill <= ATOL, f"{variant} {batch}: prefill max|dlogit| {prefill:.2e}"
     assert worst <= ATOL, f"{variant} {batch}: greedy step max|dlogit| {worst:.2e}"
     assert mismatch is None, f"{variant} {batch}: greedy diverges at step {mismatch}"
@@ -171,7 +162,7 @@ def test_g4_repeated_tokens_tie_at_the_window_and_the_rule_decides(exported, var
     ties = []
     with OrtRunner(manifest) as runner:
         reference = TorchRunner(loaded.model, manifest.info, stable_topk=True, tie_log=ties)
-        prefill, worst, mismatch, states = lockstep(runner, reference, prompts, 64)
+        prefill, worst, mismatch, states = lockstep_with_state(runner, reference, prompts, 64)
     assert exact_ties(ties), "the prompts were meant to put a tie at the window boundary"
     assert max(prefill, worst) <= ATOL and mismatch is None, (prefill, worst, mismatch)
     assert all(c.ok for c in states), [(c.output, c.max_abs_diff) for c in states]
