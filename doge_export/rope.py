@@ -62,6 +62,64 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x [B,heads,S,D]; cos/sin [B,S,D]
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    # x [B,S,heads,D]; cos/sin [B,S,D]
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
     return x * cos + rotate_half(x) * sin
+
+
+class ElementwiseRope:
+    """RoPE of a prompt (prefill): x * cos + rotate_half(x) * sin, position by position.
+    Leaves the attention scale to the scores (query_scaled False), as transformers does."""
+
+    query_scaled = False
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor):
+        self.cos, self.sin = cos, sin  # [B,S,D]
+
+    def query(self, q: torch.Tensor) -> torch.Tensor:
+        return apply_rope(q, self.cos, self.sin)
+
+    def key(self, k: torch.Tensor) -> torch.Tensor:
+        return apply_rope(k, self.cos, self.sin)
+
+
+def rotate_half_matrix(dim: int) -> torch.Tensor:
+    """[D,D] signed permutation P with x @ P == rotate_half(x)."""
+    half = dim // 2
+    P = torch.zeros(dim, dim)
+    P[torch.arange(half) + half, torch.arange(half)] = -1.0  # out[j] = -x[j + half], j < half
+    P[torch.arange(half), torch.arange(half) + half] = 1.0  # out[j] = x[j - half], j >= half
+    return P
+
+
+class MatrixRope:
+    """RoPE of one new token per row (step) as one MatMul per tensor: x [B,1,heads,D] @ R [B,1,D,D].
+
+    R = diag(cos) + P * sin (P: rotate_half_matrix), built once per step and shared by all layers,
+    so a layer spends one MatMul on q and one on k instead of Split/Neg/Concat/Mul/Mul/Add each.
+    x @ R has two non-zero products per output (a fused multiply-add instead of torch's two
+    roundings: within an ulp of apply_rope). In fp32 the query matrix also carries the attention
+    scale D**-0.5 (query_scaled True), so the score MatMuls need no scaling of their own.
+    """
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor, fold_scale: bool):
+        # cos/sin [B,1,D] -> R [B,1,D,D]; column j scaled by cos_j / sin_j
+        D = cos.shape[-1]
+        eye = torch.eye(D, dtype=cos.dtype, device=cos.device)
+        P = rotate_half_matrix(D).to(dtype=cos.dtype, device=cos.device)
+
+        def matrix(c, s):  # c/s [B,1,D] -> [B,1,D,D]
+            return eye * c[:, :, None, :] + P * s[:, :, None, :]
+
+        self.R = matrix(cos, sin)
+        self.query_scaled = fold_scale
+        # the scale goes into cos/sin, not onto R: ONNX Runtime would fold a scalar Mul on R into
+        # the MatMul's alpha, and its GEMM copies the matrix it multiplies for any alpha != 1
+        scale = D**-0.5
+        self.R_query = matrix(cos * scale, sin * scale) if fold_scale else self.R
+
+    def query(self, q: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(q, self.R_query)  # [B,1,H,D] @ [B,1,D,D]
+
+    def key(self, k: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(k, self.R)

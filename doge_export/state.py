@@ -41,6 +41,11 @@ class StateBuffers:
         shapes = {"key": ((G, C, D), dtype), "value": ((G, C, D), dtype), "bias": ((G, C), dtype),
                   "position": ((G, C), np.int64)}
         self.stacked, self.arrays = _stacked(info, batch, shapes)
+        # flat views for write_rows: key/value [L*B*G*C, D], bias/position [L*B*G*C]
+        self._flat = {f: a.reshape(-1, D) if a.ndim == 5 else a.reshape(-1) for f, a in self.stacked.items()}
+        sets = np.arange(info.num_layers * batch * G)
+        self._set_start = sets * C  # first flat slot of each (layer, batch row, head) set
+        self._set_row = sets // G % batch  # its batch row
         self.clear()
 
     def clear(self) -> None:
@@ -52,18 +57,19 @@ class StateBuffers:
     def write_rows(self, rows, position_ids: np.ndarray) -> None:
         """rows: the step's outputs (RowBuffers, or a dict by name); position_ids [B,1].
 
-        Writes each winning row into its slot, for every layer, batch row and KV head at once.
+        Writes each winning row into its slot, for every layer, batch row and KV head at once:
+        the (layer, row, head) slot sets are numbered 0..L*B*G-1 and indexed flat.
         """
         rows = rows.stacked if isinstance(rows, RowBuffers) else {
             f: np.stack([rows[f"{f}.{i}"] for i in range(self.info.num_layers)]) for f in ROW_FIELDS}
-        slot = rows["slot"]  # [L,B,G]
-        layer, b, g = np.nonzero(slot >= 0)
-        s = slot[layer, b, g]
-        state = self.stacked
-        state["key"][layer, b, g, s] = rows["new_key"][layer, b, g]
-        state["value"][layer, b, g, s] = rows["new_value"][layer, b, g]
-        state["bias"][layer, b, g, s] = rows["new_bias"][layer, b, g]
-        state["position"][layer, b, g, s] = position_ids[b, 0]
+        slot = rows["slot"].reshape(-1)  # [L*B*G]
+        won = np.flatnonzero(slot >= 0)
+        target = self._set_start[won] + slot[won]  # flat slot index in [L*B*G*C]
+        state = self._flat
+        state["key"][target] = rows["new_key"].reshape(len(slot), -1)[won]
+        state["value"][target] = rows["new_value"].reshape(len(slot), -1)[won]
+        state["bias"][target] = rows["new_bias"].reshape(-1)[won]
+        state["position"][target] = position_ids.reshape(-1)[self._set_row[won]]
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.stacked.values())

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .legacy.layouts import NATIVE, Layout, layout_of
-from .rope import RotaryFromPositions, apply_rope
+from .fused import FusedLinear, fused_gate_up, fused_qkv
+from .rope import ElementwiseRope, MatrixRope, RotaryFromPositions
 
 EMPTY_POSITION = -1
 
@@ -73,30 +74,35 @@ def dynamic_bias(A: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
     return in_fp32(torch.exp, A * in_fp32(F.softplus, dt))
 
 
-def project_qkv(attn, x: torch.Tensor, cos, sin, layout: Layout = NATIVE, token_bias=None):
-    """x [B,S,hidden] -> q [B,H,S,D], k [B,G,S,D] (normed, rotated), v [B,G,S,D], w [B,G,S].
+def project_qkv(attn, x: torch.Tensor, rope, layout: Layout = NATIVE, token_bias=None, qkv: FusedLinear | None = None):
+    """x [B,S,hidden] -> q [B,S,H,D], k [B,S,G,D] (normed, rotated), v [B,S,G,D], w [B,G,S].
 
-    With a bias per query head (legacy layouts) the state heads are the H query heads: k/v are
-    repeated per query head and w is [B,H,S]. `token_bias` [B,G,S], when given, replaces w (layer
-    0, where the bias is a function of the token id alone: see token_bias_table).
+    Token-major, so a one-token step needs no transposes (heads_first gives [B,heads,S,D]).
+    rope: ElementwiseRope or MatrixRope (its query may carry the attention scale). qkv: the fused
+    q/k/v projection (fused.py), else the three modules. With a bias per query head (legacy
+    layouts) the state heads are the H query heads: k/v are repeated per query head and w is
+    [B,H,S]. `token_bias` [B,G,S], when given, replaces w (layer 0, where the bias is a function of
+    the token id alone: see token_bias_table).
     """
     B, S, _ = x.shape
     D = attn.head_dim
+    q, k, v_flat = qkv(x) if qkv is not None else (attn.q_proj(x), attn.k_proj(x), attn.v_proj(x))
+    q, k, v = (t.reshape(B, S, -1, D) for t in (q, k, v_flat))
     if layout.qk_norm:
-        q = attn.q_norm(attn.q_proj(x).view(B, S, -1, D)).transpose(1, 2)
-        k = attn.k_norm(attn.k_proj(x).view(B, S, -1, D)).transpose(1, 2)
-    else:
-        q = attn.q_proj(x).view(B, S, -1, D).transpose(1, 2)
-        k = attn.k_proj(x).view(B, S, -1, D).transpose(1, 2)
-    v = attn.v_proj(x).view(B, S, -1, D).transpose(1, 2)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    dt = attn.dt_proj(v.transpose(1, 2).reshape(B, S, -1))  # [B,S,G]
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = rope.query(q), rope.key(k)
+    dt = attn.dt_proj(v_flat)  # [B,S,G]
     w = dynamic_bias(attn.A, dt).transpose(-1, -2) if token_bias is None else token_bias  # [B,G,S]
-    if layout.bias_heads == "query" and k.shape[1] != q.shape[1]:
-        R = q.shape[1] // k.shape[1]
-        k = k[:, :, None].expand(B, k.shape[1], R, S, D).reshape(B, -1, S, D)
-        v = v[:, :, None].expand(B, v.shape[1], R, S, D).reshape(B, -1, S, D)
+    if layout.bias_heads == "query" and k.shape[2] != q.shape[2]:
+        G, R = k.shape[2], q.shape[2] // k.shape[2]
+        k = k[:, :, :, None].expand(B, S, G, R, D).reshape(B, S, -1, D)
+        v = v[:, :, :, None].expand(B, S, G, R, D).reshape(B, S, -1, D)
     return q, k, v, w
+
+
+def heads_first(*tensors: torch.Tensor):
+    """[B,S,heads,D] -> [B,heads,S,D] each."""
+    return tuple(t.transpose(1, 2) for t in tensors)
 
 
 def keep_window(bias: torch.Tensor, visible_key: torch.Tensor, window: int) -> torch.Tensor:
@@ -148,9 +154,11 @@ def compact_state(kept_last, k, v, w, positions, capacity: int):
     return key, value, bias, position
 
 
-def prefill_attention(attn, x, cos, sin, valid, positions, capacity, layout: Layout = NATIVE, token_bias=None):
-    """x [B,T,hidden]; valid [B,T] bool (left padding) -> (out [B,T,hidden], state tuple)."""
-    q, k, v, w = project_qkv(attn, x, cos, sin, layout, token_bias)
+def prefill_attention(attn, x, rope, valid, positions, capacity, layout: Layout = NATIVE, **projection):
+    """x [B,T,hidden]; valid [B,T] bool (left padding) -> (out [B,T,hidden], state tuple).
+    projection: token_bias / qkv, passed on to project_qkv."""
+    q, k, v, w = project_qkv(attn, x, rope, layout, **projection)
+    q, k, v = heads_first(q, k, v)
     minv = min_value(x.dtype)
     visible_key = valid[:, None, None, :]
     bias = torch.where(valid[:, None, :], w, torch.full_like(w, minv))  # [B,G,T]
@@ -179,37 +187,47 @@ def evict_slot(bias, position, new_bias):
     return slot, slot_mask, new_wins
 
 
-def step_attention(attn, x, cos, sin, past, layout: Layout = NATIVE, token_bias=None):
+def step_attention(attn, x, rope, past, layout: Layout = NATIVE, **projection):
     """x [B,1,hidden]; past = (key, value, bias, position) -> (out, (new_k, new_v, new_b, slot)).
 
     The cache is only read: scores against the C slots and against the new key are softmaxed
-    together (C+1 numbers per head) and only the new row comes back.
+    together (C+1 numbers per head) and only the new row comes back. Each query head meets the
+    cache in its own one-row MatMul ([B,G,R,1,D] x [B,G,1,D,C]): ONNX Runtime's CPU GEMM then
+    streams K and V in place (its M=1 kernels) instead of packing a copy of them per call, which
+    it does for a [R,D] x [D,C] product. rope (MatrixRope) folds the 1/sqrt(D) into q in fp32.
     """
     key, value, bias, position = past
-    q, k, v, w = project_qkv(attn, x, cos, sin, layout, token_bias)  # q [B,H,1,D], k/v [B,G,1,D], w [B,G,1]
-    B, H, _, D = q.shape
+    q, k, v, w = project_qkv(attn, x, rope, layout, **projection)  # q [B,1,H,D], k/v [B,1,G,D], w [B,G,1]
+    B, _, H, D = q.shape
     G = key.shape[1]
     minv = min_value(x.dtype)
     new_bias = w[..., 0]
     slot, slot_mask, new_wins = evict_slot(bias, position, new_bias)
     slot_bias = torch.where(slot_mask, torch.full_like(bias, minv), bias)  # [B,G,C]
     own_bias = torch.where(new_wins, new_bias, torch.full_like(new_bias, minv))  # [B,G]
-    q4 = q.view(B, G, H // G, D)
-    scores_cache = scale_scores(torch.matmul(q4, key.transpose(-1, -2)), D) + slot_bias[:, :, None, :]
-    scores_own = scale_scores(own_score(q4, k), D) + own_bias[:, :, None, None]
-    probs = softmax_fp32(torch.cat((scores_cache, scores_own), dim=-1)).to(q.dtype)
+    q5 = q.view(B, G, H // G, 1, D)  # S = 1: token-major is head-major
+    k5, v5 = k.view(B, G, 1, 1, D), v.view(B, G, 1, 1, D)
+    scores_cache = scaled(torch.matmul(q5, key.unsqueeze(2).transpose(-1, -2)), D, rope)  # [B,G,R,1,C]
+    scores_own = scaled(own_score(q5, k5), D, rope)  # [B,G,R,1,1]
+    scores = torch.cat((scores_cache + slot_bias[:, :, None, None, :], scores_own + own_bias[:, :, None, None, None]), -1)
+    probs = softmax_fp32(scores).to(q.dtype)
     C = key.shape[2]
-    out = torch.matmul(probs[..., :C], value) + probs[..., C:] * v  # [B,G,R,D]
+    out = torch.matmul(probs[..., :C], value.unsqueeze(2)) + probs[..., C:] * v5  # [B,G,R,1,D]
     out = attn.o_proj(out.reshape(B, 1, H * D))
-    return out, (k[:, :, 0], v[:, :, 0], new_bias, slot)
+    return out, (k[:, 0], v[:, 0], new_bias, slot)
 
 
-def own_score(q4: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """q4 [B,G,R,D] . k [B,G,1,D] -> [B,G,R,1]. In half precision a MatMul, which accumulates in
-    fp32 like transformers' q @ k^T; a half Mul + ReduceSum would round every product."""
-    if q4.dtype == torch.float32:
-        return (q4 * k).sum(-1, keepdim=True)
-    return torch.matmul(q4, k.transpose(-1, -2))
+def scaled(scores: torch.Tensor, D, rope) -> torch.Tensor:
+    """scores * D**-0.5, unless the rope already folded the scale into q."""
+    return scores if rope.query_scaled else scale_scores(scores, D)
+
+
+def own_score(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q [..., 1, D] . k [..., 1, D] -> [..., 1, 1]. In half precision a MatMul, which accumulates
+    in fp32 like transformers' q @ k^T; a half Mul + ReduceSum would round every product."""
+    if q.dtype == torch.float32:
+        return (q * k).sum(-1, keepdim=True)
+    return torch.matmul(q, k.transpose(-1, -2))
 
 
 def silu(x: torch.Tensor) -> torch.Tensor:
@@ -224,12 +242,13 @@ def silu(x: torch.Tensor) -> torch.Tensor:
     return x / (1.0 + torch.exp(-x))
 
 
-def dense_mlp(mlp, h: torch.Tensor) -> torch.Tensor:
-    """DogeMLP (and CDMoE's shared expert): down(silu(gate(h)) * up(h))."""
-    return mlp.down_proj(silu(mlp.gate_proj(h)) * mlp.up_proj(h))
+def dense_mlp(mlp, h: torch.Tensor, gate_up: FusedLinear | None = None) -> torch.Tensor:
+    """DogeMLP (and CDMoE's shared expert): down(silu(gate(h)) * up(h)); gate_up: fused.py's."""
+    gate, up = gate_up(h) if gate_up is not None else (mlp.gate_proj(h), mlp.up_proj(h))
+    return mlp.down_proj(silu(gate) * up)
 
 
-def cdmoe(moe, h: torch.Tensor) -> torch.Tensor:
+def cdmoe(moe, h: torch.Tensor, gate_up: FusedLinear | None = None) -> torch.Tensor:
     """DogeCDMoE exactly as transformers computes it, routing included (facts §1.5).
 
     The router logits [B,S,2K] are reinterpreted as [2, B*S, K] across the whole batch (a
@@ -248,7 +267,7 @@ def cdmoe(moe, h: torch.Tensor) -> torch.Tensor:
     down, up = moe.down_embed(indices), moe.up_embed(indices)  # [N,T,hidden]
     expert = silu(torch.matmul(down, h.view(B * S, hidden, 1)).view(B * S, -1)) * weights
     experts = torch.matmul(expert.view(B * S, 1, -1), up).view(B, S, hidden)
-    return dense_mlp(moe, h) + experts
+    return dense_mlp(moe, h, gate_up) + experts
 
 
 @torch.no_grad()
@@ -283,6 +302,17 @@ class DogeGraph(nn.Module):
             # (axis 1), so the exported graph holds the tied weight once.
             self.lm_weight_t = nn.Parameter(model.lm_head.weight.detach().t().contiguous())
         self.layer0_bias = nn.Parameter(token_bias_table(model), requires_grad=False)  # [V, G]
+        layers = self.layers()
+        # fused projections (fused.py) per layer index, where the modules allow it
+        self.qkv = nn.ModuleDict({str(i): f for i, l in enumerate(layers) if (f := fused_qkv(l.self_attn))})
+        self.gate_up = nn.ModuleDict({str(i): f for i, l in enumerate(layers) if (f := fused_gate_up(l.mlp))})
+
+    def projection(self, layer_index: int, input_ids: torch.Tensor) -> dict:
+        """project_qkv's keyword arguments for this layer: token_bias (layer 0), qkv (fused)."""
+        extra = {"qkv": self.qkv[str(layer_index)]} if str(layer_index) in self.qkv else {}
+        if (bias := self.token_bias(layer_index, input_ids)) is not None:
+            extra["token_bias"] = bias
+        return extra
 
     def token_bias(self, layer_index: int, input_ids: torch.Tensor):
         """[B,G,S] bias of layer 0 looked up by token id; None for the other layers (computed)."""
@@ -303,16 +333,17 @@ class DogeGraph(nn.Module):
             return torch.matmul(hidden, self.lm_weight_t)
         return self.model.lm_head(hidden)
 
-    def mlp(self, layer, h: torch.Tensor) -> torch.Tensor:
+    def mlp(self, layer_index: int, layer, h: torch.Tensor) -> torch.Tensor:
         x = layer.post_attention_layernorm(h)
+        gate_up = self.gate_up[str(layer_index)] if str(layer_index) in self.gate_up else None
         if not self.config.is_moe:
-            out = dense_mlp(layer.mlp, x)
+            out = dense_mlp(layer.mlp, x, gate_up)
         elif self.layout.moe == "multihead":
             from .legacy.export import multihead_cdmoe
 
-            out = multihead_cdmoe(layer.mlp, x)
+            out = multihead_cdmoe(layer.mlp, x, gate_up)
         else:
-            out = cdmoe(layer.mlp, x)
+            out = cdmoe(layer.mlp, x, gate_up)
         return layer.post_attention_residual * h + out
 
     def attention(self):
@@ -340,18 +371,16 @@ class PrefillWrapper(DogeGraph):
 
     def forward(self, input_ids, attention_mask, position_ids):
         h = self.embed(input_ids)
-        cos, sin = self.rotary(position_ids, h.dtype)
+        rope = ElementwiseRope(*self.rotary(position_ids, h.dtype))
         valid = attention_mask.bool()
         states = []
         attention = self.attention()[0]
         for i, layer in enumerate(self.layers()):
             attn_in = layer.input_layernorm(h)
-            extra = {"token_bias": bias} if (bias := self.token_bias(i, input_ids)) is not None else {}
-            out, state = attention(
-                layer.self_attn, attn_in, cos, sin, valid, position_ids, self.capacity, self.layout, **extra
-            )
+            out, state = attention(layer.self_attn, attn_in, rope, valid, position_ids, self.capacity, self.layout,
+                                   **self.projection(i, input_ids))
             h = layer.input_residual * h + out
-            h = self.mlp(layer, h)
+            h = self.mlp(i, layer, h)
             states.extend(state)
         h = self.model.model.norm(h)
         logits = self.logits(h if self.full_logits else h[:, -1])
@@ -364,15 +393,15 @@ class StepWrapper(DogeGraph):
 
     def forward(self, input_ids, position_ids, *past):
         h = self.embed(input_ids)
-        cos, sin = self.rotary(position_ids, h.dtype)
+        rope = MatrixRope(*self.rotary(position_ids, h.dtype), fold_scale=h.dtype == torch.float32)
         rows = []
         attention = self.attention()[1]
         for i, layer in enumerate(self.layers()):
             attn_in = layer.input_layernorm(h)
-            extra = {"token_bias": bias} if (bias := self.token_bias(i, input_ids)) is not None else {}
-            out, row = attention(layer.self_attn, attn_in, cos, sin, past[4 * i : 4 * i + 4], self.layout, **extra)
+            out, row = attention(layer.self_attn, attn_in, rope, past[4 * i : 4 * i + 4], self.layout,
+                                 **self.projection(i, input_ids))
             h = layer.input_residual * h + out
-            h = self.mlp(layer, h)
+            h = self.mlp(i, layer, h)
             rows.extend(row)
         h = self.model.model.norm(h)
         return (self.logits(h[:, 0]), *rows)

@@ -6,8 +6,9 @@ Imports neither torch nor transformers (a deployment box needs numpy + onnxrunti
   state outputs straight into them, the step reads them in place, and the runtime writes only the
   new row of each layer into its slot (one numpy scatter for all layers).
 - No copy of the state per step: in the optimized step graph only the attention products read
-  key/value (q.K^T is a FusedMatMul with transB; tests/test_bench.py checks it), and the step
-  latency stays flat from position 100 to 8000 (benchmarks/README.md).
+  key/value, as one-row MatMuls per query head that MLAS streams in place (q.K^T a FusedMatMul
+  with transB; tests/test_bench.py checks it), and the step latency stays flat from position 100
+  to 8000 (benchmarks/README.md).
 - Session settings, measured on the shared 2-core machine (benchmarks/README.md): no thread
   spinning, one thread for the step, no MLAS prepacking of fp32 weights (one packed copy per
   session otherwise: +64 MB RSS for Doge-20M), the batch dim specialized when known.

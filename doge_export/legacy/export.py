@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from .. import wrappers as W
 
 
-def binary_prefill_attention(attn, x, cos, sin, valid, positions, capacity, layout):
+def binary_prefill_attention(attn, x, rope, valid, positions, capacity, layout, **projection):
     """x [B,T,hidden]; valid [B,T] bool -> (out [B,T,hidden], state); state heads = H (MHA)."""
-    q, k, v, w = W.project_qkv(attn, x, cos, sin, layout)  # k/v [B,H,T,D], w [B,H,T]
+    q, k, v, w = W.project_qkv(attn, x, rope, layout, **projection)  # w [B,H,T]
+    q, k, v = W.heads_first(q, k, v)  # [B,H,T,D]
     minv = W.min_value(x.dtype)
     zero, low = x.new_zeros(()), x.new_full((), minv)
     idx = torch.arange(x.shape[1], device=x.device)
@@ -30,22 +31,23 @@ def binary_prefill_attention(attn, x, cos, sin, valid, positions, capacity, layo
     return out, state
 
 
-def binary_step_attention(attn, x, cos, sin, past, layout):
+def binary_step_attention(attn, x, rope, past, layout, **projection):
     """x [B,1,hidden]; past (key, value, bias, position) -> (out, (new_k, new_v, new_b, slot)).
 
     Occupied slots (position >= 0) take part with their 0/dtype-min bias, empty ones not at all
     (-inf); the new row goes into the first empty slot.
     """
     key, value, bias, position = past
-    q, k, v, w = W.project_qkv(attn, x, cos, sin, layout)  # q/k/v [B,H,1,D], w [B,H,1]
+    q, k, v, w = W.project_qkv(attn, x, rope, layout, **projection)  # w [B,H,1]
+    q, k, v = W.heads_first(q, k, v)  # [B,H,1,D]
     B, H, _, D = q.shape
     minv = W.min_value(x.dtype)
     new_bias = torch.where(w[..., 0] >= 1.0, x.new_zeros(()), x.new_full((), minv))  # [B,H]
     empty = position < 0  # [B,H,C]
     slot = torch.argmax(empty.to(torch.int32), dim=-1)  # first empty slot
     slot_bias = torch.where(empty, x.new_full((), float("-inf")), bias)
-    scores_cache = torch.matmul(q, key.transpose(-1, -2)) * D**-0.5 + slot_bias[:, :, None, :]
-    scores_own = (q * k).sum(-1, keepdim=True) * D**-0.5 + new_bias[:, :, None, None]
+    scores_cache = W.scaled(torch.matmul(q, key.transpose(-1, -2)), D, rope) + slot_bias[:, :, None, :]
+    scores_own = W.scaled((q * k).sum(-1, keepdim=True), D, rope) + new_bias[:, :, None, None]
     probs = F.softmax(torch.cat((scores_cache, scores_own), dim=-1), dim=-1, dtype=torch.float32).to(q.dtype)
     C = key.shape[2]
     out = torch.matmul(probs[..., :C], value) + probs[..., C:] * v  # [B,H,1,D]
@@ -53,7 +55,7 @@ def binary_step_attention(attn, x, cos, sin, past, layout):
     return out, (k[:, :, 0], v[:, :, 0], new_bias, slot)
 
 
-def multihead_cdmoe(moe, h: torch.Tensor) -> torch.Tensor:
+def multihead_cdmoe(moe, h: torch.Tensor, gate_up=None) -> torch.Tensor:
     """G1/G2 CDMoE: per token and retrieval head, top-k over each product-key half, then over the
     k*k candidates; softmax of the picked scores weights silu(down_embed . h) * up_embed."""
     B, S, hidden = h.shape
@@ -69,4 +71,4 @@ def multihead_cdmoe(moe, h: torch.Tensor) -> torch.Tensor:
     down = torch.matmul(moe.down_embed(experts), h.reshape(1, N, hidden, 1)).squeeze(-1)  # [heads,N,k]
     act = W.silu(down) * weights
     routed = torch.matmul(act.unsqueeze(-2), moe.up_embed(experts)).squeeze(-2).sum(0)  # [N,hidden]
-    return W.dense_mlp(moe, h) + routed.view(B, S, hidden)
+    return W.dense_mlp(moe, h, gate_up) + routed.view(B, S, hidden)
