@@ -54,4 +54,7 @@ if [[ $STEPS == *bench* ]]; then
     bench doge-20m-ctx512-$q-b1-threads1 doge-20m-ctx512-$q --batch 1 --threads 1
   done
   bench doge-20m-ctx512-b8-threads1 doge-20m-ctx512 --batch 8 --threads 1
+  # both cores for every backend, onnxruntime's threads spinning (fast on an idle machine only)
+  bench doge-20m-ctx512-b1-threads2-spin doge-20m-ctx512 --batch 1 --threads 2 --spin
+  bench doge-20m-ctx512-int4-b1-threads2-spin doge-20m-ctx512-int4 --batch 1 --threads 2 --spin
 fi

@@ -40,6 +40,7 @@ class BenchConfig:
     warmup: int = 1
     repeats: int = 3
     threads: int | None = None  # None: each backend's default (onnxruntime: backends/ort.py)
+    spin: bool = False  # onnxruntime's worker threads busy-wait between kernels (OrtRunner)
     probe_to: int = 0  # run the flatness probe up to this position (0: off)
     seed: int = 0
 
@@ -98,13 +99,13 @@ def _rss_mb(field: str = "VmRSS") -> float:
     return float("nan")
 
 
-def _open(backend: str, manifest, threads: int | None, batch: int):
+def _open(backend: str, manifest, threads: int | None, batch: int, spin: bool = False):
     """-> (runner, or the transformers model for torch-generate; weight byte counts)."""
     if backend in ("onnxruntime", "tensorrt"):
         if backend == "onnxruntime":
             from .backends.ort import OrtRunner
 
-            runner = OrtRunner(manifest, threads=threads, batch=batch)  # sessions built for this batch
+            runner = OrtRunner(manifest, threads=threads, batch=batch, spin=spin)  # sessions for this batch
         else:
             from .runtime import open_runner
 
@@ -169,14 +170,14 @@ def _import_libraries(backend: str) -> None:
         from .backends import trt  # noqa: F401  (ImportError: reported, the backend is skipped)
 
 
-def _worker(conn, backend: str, folder: str, threads: int | None, batch: int) -> None:
+def _worker(conn, backend: str, folder: str, threads: int | None, batch: int, spin: bool) -> None:
     try:
         manifest = load_manifest(folder, verify=False)
         imported = _rss_mb()
         _import_libraries(backend)
         baseline = _rss_mb()
         start = time.perf_counter()
-        runner, weights = _open(backend, manifest, threads, batch)
+        runner, weights = _open(backend, manifest, threads, batch, spin)
         conn.send(("ready", {"load_seconds": time.perf_counter() - start, "baseline_rss_mb": baseline,
                              "library_rss_mb": baseline - imported, **weights}))
     except Exception as exc:  # reported to the parent, which skips this backend
@@ -272,11 +273,12 @@ def _timed_probe(runner, prompt: np.ndarray, to_position: int) -> dict:
 class Worker:
     """One backend in its own process; `call` runs one command there and waits for the answer."""
 
-    def __init__(self, backend: str, folder: Path, threads: int | None, batch: int):
+    def __init__(self, backend: str, folder: Path, threads: int | None, batch: int, spin: bool = False):
         ctx = mp.get_context("spawn")
         self.backend = backend
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_worker, args=(child, backend, str(folder), threads, batch), daemon=True)
+        self.process = ctx.Process(target=_worker, args=(child, backend, str(folder), threads, batch, spin),
+                                   daemon=True)
         self.process.start()
         status, info = self.conn.recv()
         self.info, self.error = (info, None) if status == "ready" else ({}, info)
@@ -307,7 +309,7 @@ def _start_workers(manifest, cfg: BenchConfig, log) -> list[Worker]:
     workers = []
     for backend in cfg.backends:
         log(f"starting {backend} ...")
-        worker = Worker(backend, manifest.folder, cfg.threads, cfg.batch)
+        worker = Worker(backend, manifest.folder, cfg.threads, cfg.batch, cfg.spin)
         if worker.error:
             log(f"  {backend} skipped: {worker.error}")
         workers.append(worker)

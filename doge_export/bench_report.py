@@ -199,7 +199,8 @@ def format_table(report: dict) -> str:
     cfg, machine = report["config"], report["machine"]
     lines = [f"{report['artifact']['model']} ({report['artifact']['quantization'] or report['artifact']['dtype']}), "
              f"batch {cfg['batch']}, prompt {cfg['prompt_len']}, {cfg['new_tokens']} new tokens, "
-             f"{cfg['repeats']} repeats after {cfg['warmup']} warm-up; {machine['cpu_model']}, "
+             f"{cfg['repeats']} repeats after {cfg['warmup']} warm-up, threads {cfg['threads'] or 'default'}"
+             f"{' (onnxruntime spinning)' if cfg.get('spin') else ''}; {machine['cpu_model']}, "
              f"{machine['usable_cores']} cores, bandwidth {machine['bandwidth_gb_s']['used']:.1f} GB/s",
              "  ".join(f"{h:<15}" if k is None else f"{h:>{len(f.format(0.0))}}" for h, f, k in COLUMNS)]
     for name, e in report["backends"].items():

@@ -66,6 +66,7 @@ def generate(
     backend: str = typer.Option("onnxruntime", help="onnxruntime, torch or tensorrt"),
     provider: str = typer.Option("cpu", help="ONNX Runtime provider: cpu, cuda or auto"),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads"),
+    spin: bool = typer.Option(False, help="ONNX Runtime threads busy-wait between kernels: faster with --threads 2+ on an idle machine, slower on a busy one"),
     as_json: bool = typer.Option(False, "--json", help='Print {"tokens": [[...]], "text": [...]}'),
 ):
     """Generate text or token ids from an artifact folder."""
@@ -74,7 +75,7 @@ def generate(
     run_generate(artifact, prompt, input_ids, chat=chat, system=system, max_new_tokens=max_new_tokens,
                  greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p,
                  repetition_penalty=repetition_penalty, stop_ids=stop_id, seed=seed, backend=backend,
-                 provider=provider, threads=threads, as_json=as_json)
+                 provider=provider, threads=threads, spin=spin, as_json=as_json)
 
 
 @app.command()
@@ -117,6 +118,7 @@ def bench(
     warmup: int = typer.Option(1, help="Warm-up generations per backend, not measured"),
     repeats: int = typer.Option(3, help="Measured generations per backend"),
     threads: Optional[int] = typer.Option(None, help="Threads per backend [all cores]"),
+    spin: bool = typer.Option(False, help="ONNX Runtime threads busy-wait between kernels: faster with --threads 2+ on an idle machine, slower on a busy one"),
     probe_to: int = typer.Option(0, help="Also decode one prompt to this position and check step latency stays flat"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON here"),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG: latency vs position, tokens/s (needs matplotlib)"),
@@ -125,7 +127,7 @@ def bench(
     from .commands import run_bench_command
 
     run_bench_command(artifact, backends=backends, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
-                      warmup=warmup, repeats=repeats, threads=threads, probe_to=probe_to, json_out=json_out,
+                      warmup=warmup, repeats=repeats, threads=threads, spin=spin, probe_to=probe_to, json_out=json_out,
                       plot=plot, log=progress)
 
 

@@ -113,12 +113,12 @@ def generation_config(manifest, *, greedy, temperature, top_k, top_p, repetition
 
 
 def run_generate(artifact: Path, prompts, input_ids, *, chat, system, backend, provider, threads,
-                 as_json, **options) -> None:
+                 as_json, spin=False, **options) -> None:
     manifest = load_manifest(artifact)
     cfg = generation_config(manifest, **options)
     ids, tokenizer = prompts_to_ids(manifest, list(prompts), list(input_ids), chat=chat, system=system)
     stream = None if as_json or len(ids) > 1 else make_streamer(tokenizer)
-    with open_runner(manifest, backend, provider=provider, threads=threads) as runner:
+    with open_runner(manifest, backend, provider=provider, threads=threads, spin=spin) as runner:
         result = generate(runner, ids, cfg, on_token=stream)
     texts = [tokenizer.decode(t) if tokenizer else None for t in result.tokens]
     if as_json:

@@ -15,7 +15,7 @@ BACKENDS = ("onnxruntime", "torch", "tensorrt", "onnx-reference")
 
 
 def open_runner(manifest: Manifest, backend: str = "onnxruntime", *, provider: str = "cpu",
-                threads: int | None = None, tie_log: list | None = None):
+                threads: int | None = None, tie_log: list | None = None, spin: bool = False):
     if backend == "onnxruntime" and manifest.info.dtype == "bfloat16":
         raise DogeExportError(
             "ONNX Runtime has no bfloat16 kernels on CPU, so it cannot run this bf16 artifact: use "
@@ -29,7 +29,7 @@ def open_runner(manifest: Manifest, backend: str = "onnxruntime", *, provider: s
     if backend == "onnxruntime":
         from .backends.ort import OrtRunner
 
-        return OrtRunner(manifest, provider=provider, threads=threads)
+        return OrtRunner(manifest, provider=provider, threads=threads, spin=spin)
     if backend == "torch":
         return torch_reference(manifest, tie_log=tie_log)
     if backend == "tensorrt":

@@ -172,18 +172,19 @@ def prefill_attention(attn, x, rope, valid, positions, capacity, layout: Layout 
 def evict_slot(bias, position, new_bias):
     """One step of the eviction rule, per batch row and KV head.
 
-    bias/position [B,G,C], new_bias [B,G] -> slot [B,G] int64 (-1: the new token lost),
-    slot_mask [B,G,C] bool (slot excluded from this step), new_wins [B,G] bool.
+    bias/position [B,G,C], new_bias [B,G,1] -> slot [B,G,1] int64 (-1: the new token lost),
+    slot_mask [B,G,C] bool (slot excluded from this step), new_wins [B,G,1] bool.
     Among the C slots and the new token the smallest bias is left out; among equal biases the
-    latest position loses, and the new token is always the latest.
+    latest position loses, and the new token is always the latest. (keepdim throughout: no
+    Unsqueeze nodes in the step graph.)
     """
     smallest = bias.min(dim=-1, keepdim=True).values  # [B,G,1]
     candidates = torch.where(bias == smallest, position, torch.full_like(position, -2))
-    victim = candidates.argmax(dim=-1)  # latest position among the smallest
-    new_wins = new_bias > smallest.squeeze(-1)
+    victim = candidates.argmax(dim=-1, keepdim=True)  # latest position among the smallest
+    new_wins = new_bias > smallest
     slot = torch.where(new_wins, victim, torch.full_like(victim, -1))
     slots = torch.arange(bias.shape[-1], device=bias.device)
-    slot_mask = (slots == victim.unsqueeze(-1)) & new_wins.unsqueeze(-1)
+    slot_mask = (slots == victim) & new_wins
     return slot, slot_mask, new_wins
 
 
@@ -199,22 +200,20 @@ def step_attention(attn, x, rope, past, layout: Layout = NATIVE, **projection):
     key, value, bias, position = past
     q, k, v, w = project_qkv(attn, x, rope, layout, **projection)  # q [B,1,H,D], k/v [B,1,G,D], w [B,G,1]
     B, _, H, D = q.shape
-    G = key.shape[1]
+    G, C = key.shape[1], key.shape[2]
     minv = min_value(x.dtype)
-    new_bias = w[..., 0]
-    slot, slot_mask, new_wins = evict_slot(bias, position, new_bias)
+    slot, slot_mask, new_wins = evict_slot(bias, position, w)
     slot_bias = torch.where(slot_mask, torch.full_like(bias, minv), bias)  # [B,G,C]
-    own_bias = torch.where(new_wins, new_bias, torch.full_like(new_bias, minv))  # [B,G]
+    own_bias = torch.where(new_wins, w, torch.full_like(w, minv))  # [B,G,1]
     q5 = q.view(B, G, H // G, 1, D)  # S = 1: token-major is head-major
     k5, v5 = k.view(B, G, 1, 1, D), v.view(B, G, 1, 1, D)
     scores_cache = scaled(torch.matmul(q5, key.unsqueeze(2).transpose(-1, -2)), D, rope)  # [B,G,R,1,C]
     scores_own = scaled(own_score(q5, k5), D, rope)  # [B,G,R,1,1]
-    scores = torch.cat((scores_cache + slot_bias[:, :, None, None, :], scores_own + own_bias[:, :, None, None, None]), -1)
-    probs = softmax_fp32(scores).to(q.dtype)
-    C = key.shape[2]
+    biases = torch.cat((slot_bias, own_bias), dim=-1).view(B, G, 1, 1, C + 1)
+    probs = softmax_fp32(torch.cat((scores_cache, scores_own), dim=-1) + biases).to(q.dtype)
     out = torch.matmul(probs[..., :C], value.unsqueeze(2)) + probs[..., C:] * v5  # [B,G,R,1,D]
     out = attn.o_proj(out.reshape(B, 1, H * D))
-    return out, (k[:, 0], v[:, 0], new_bias, slot)
+    return out, (k[:, 0], v[:, 0], w[..., 0], slot[..., 0])
 
 
 def scaled(scores: torch.Tensor, D, rope) -> torch.Tensor:

@@ -10,8 +10,13 @@ Imports neither torch nor transformers (a deployment box needs numpy + onnxrunti
   with transB; tests/test_bench.py checks it), and the step latency stays flat from position 100
   to 8000 (benchmarks/README.md).
 - Session settings, measured on the shared 2-core machine (benchmarks/README.md): no thread
-  spinning, one thread for the step, no MLAS prepacking of fp32 weights (one packed copy per
-  session otherwise: +64 MB RSS for Doge-20M), the batch dim specialized when known.
+  spinning, one thread for the step, the batch dim always specialized (the graph's shape
+  arithmetic then folds away: a symbolic batch made an int4 Doge-20M step 13% slower, measured
+  side by side; a prefill of another batch size rebuilds the sessions). MLAS prepacking of fp32
+  weights (a packed copy per session: +52 MB RSS for Doge-20M) only in a step session built for
+  batch > 1: a one-row step streams the weights unpacked (MLAS's M=1 kernels), but with M > 1 MLAS
+  packs every weight matrix on every call (Doge-20M batch 8: 25.5 ms per step unpacked, 14.9 ms
+  prepacked, measured side by side).
 """
 
 from __future__ import annotations
@@ -73,11 +78,13 @@ def shared_initializers(manifest: Manifest) -> dict[str, ort.OrtValue]:
 
 
 def session_from_onnx(path, initializers, providers, threads: int | None, *, prepack: bool = True,
-                      batch: int | None = None) -> ort.InferenceSession:
+                      batch: int | None = None, spin: bool = False) -> ort.InferenceSession:
     """One session over the shared initializers.
 
-    - Worker threads never spin: spinning threads starve everything else on a small CPU (step
-      latency doubled on the shared 2-core machine, benchmarks/README.md).
+    - Worker threads do not spin unless asked (spin): spinning threads starve everything else on
+      a busy small CPU (step latency doubled on the shared 2-core machine, benchmarks/README.md);
+      on an otherwise idle machine, 2 spinning threads made a Doge-20M step 9% (fp32) to 20%
+      (int4) faster than 1 thread, and 2 threads without spinning 20% slower (side by side).
     - prepack=False keeps MLAS from making its own packed copy of each fp32 weight per session
       (the lm_head alone is 33 MB for Doge-20M); a one-row step streams the weights unpacked.
     - batch: specialize the symbolic batch dim, so the shape arithmetic of the graph folds away.
@@ -85,7 +92,7 @@ def session_from_onnx(path, initializers, providers, threads: int | None, *, pre
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     if not prepack:
         opts.add_session_config_entry("session.disable_prepacking", "1")
     if batch:
@@ -101,35 +108,39 @@ class OrtRunner(Runner):
     """threads: intra-op threads of both sessions; default: all cores for prefill (compute-bound)
     and STEP_THREADS for the step (bound by memory bandwidth, which one core nearly saturates here,
     and thread hand-offs per node cost more than they save). batch: build the sessions for this
-    batch size (a prefill of another size rebuilds them); None keeps the batch dim symbolic."""
+    batch size (default 1; a prefill of another size rebuilds them). spin: worker threads busy-wait
+    between kernels (session_from_onnx); only worth it with threads > 1 on an idle machine."""
 
     name = "onnxruntime"
 
     def __init__(self, manifest: Manifest, *, provider: str = "cpu", threads: int | None = None,
-                 batch: int | None = None):
+                 batch: int | None = None, spin: bool = False):
         super().__init__(manifest.info)
         self._providers = resolve_providers(provider)
         self._threads = threads
+        self._spin = spin
         self._files = {g: manifest.graph_file(g) for g in ("prefill", "step")}
         # MatMulNBits (quantized artifacts) runs from its packed layout; fp32 weights stay as mapped
+        # except in a step session for batch > 1 (_open_sessions)
         self._prepack = bool((manifest.data.get("quantization") or {}).get("mode"))
         self._weights = shared_initializers(manifest)  # must outlive the sessions
-        self._open_sessions(batch)
+        self._open_sessions(batch or 1)
         self.providers = self.step_session.get_providers()
         self.state: StateBuffers | None = None
 
-    def _open_sessions(self, batch: int | None) -> None:
+    def _open_sessions(self, batch: int) -> None:
         step_threads = self._threads or STEP_THREADS
         self.prefill_session = session_from_onnx(self._files["prefill"], self._weights, self._providers,
-                                                 self._threads, prepack=self._prepack, batch=batch)
+                                                 self._threads, prepack=self._prepack, batch=batch, spin=self._spin)
         self.step_session = session_from_onnx(self._files["step"], self._weights, self._providers,
-                                              step_threads, prepack=self._prepack, batch=batch)
+                                              step_threads, prepack=self._prepack or batch > 1,
+                                              batch=batch, spin=self._spin)
         self.session_batch = batch
 
     def _allocate(self, batch: int) -> None:
         """State, step outputs and both IO bindings for this batch size; bound once."""
         info = self.info
-        if self.session_batch not in (None, batch):
+        if self.session_batch != batch:
             self._open_sessions(batch)
         self.state = StateBuffers(info, batch)
         dtype = numpy_dtype(info.dtype)
