@@ -276,20 +276,11 @@ def _target_compute_capability(flavor: str, requested: str) -> str:
     return local
 
 
-def engine_from_onnx(
-    onnx_path: str | Path,
-    *,
-    flavor: str,
-    compute_capability: str = "8.9",
-    profiles: dict[str, tuple[Shape, Shape, Shape]] | None = None,
-    workspace_bytes: int | None = None,
-    optimization_level: int = 3,
-    timing_cache_path: str | Path | None = None,
-    hardware_compatibility: str | None = None,
-) -> BuildResult:
+def engine_from_onnx(onnx_path: str | Path, *, flavor: str, compute_capability: str = "8.9",
+                     **build_options) -> BuildResult:
     """Build a serialized engine from an ONNX file.
 
-    Args:
+    Args (build_options are build_plan's keywords):
         flavor: "tensorrt-rtx" (AOT for `compute_capability`, no GPU needed; JIT-compiles on the
             GPU at load) or "tensorrt" (for the local GPU only; `compute_capability` must match it).
         profiles: input name -> (min, opt, max) shapes; required for every dynamic input.
@@ -312,11 +303,7 @@ def engine_from_onnx(
             + "\nFix these nodes (doge_export.lint.lint_static explains the common causes) and re-export."
         )
     start = time.perf_counter()
-    plan, errors = build_plan(
-        trt, parsed, flavor=flavor, compute_capability=compute_capability, profiles=profiles,
-        workspace_bytes=workspace_bytes, optimization_level=optimization_level,
-        timing_cache_path=timing_cache_path, hardware_compatibility=hardware_compatibility,
-    )
+    plan, errors = build_plan(trt, parsed, flavor=flavor, compute_capability=compute_capability, **build_options)
     seconds = time.perf_counter() - start
     if plan is None:
         raise DogeExportError(
