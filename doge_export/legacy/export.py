@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import wrappers as W
+from ..mlp import dense_mlp, silu
 
 
 def binary_prefill_attention(attn, x, rope, valid, positions, capacity, layout, **projection):
@@ -69,6 +70,6 @@ def multihead_cdmoe(moe, h: torch.Tensor, gate_up=None) -> torch.Tensor:
     experts = ids.gather(-1, pos)  # [heads,N,k]
     weights = F.softmax(scores, dim=-1)
     down = torch.matmul(moe.down_embed(experts), h.reshape(1, N, hidden, 1)).squeeze(-1)  # [heads,N,k]
-    act = W.silu(down) * weights
+    act = silu(down) * weights
     routed = torch.matmul(act.unsqueeze(-2), moe.up_embed(experts)).squeeze(-2).sum(0)  # [N,hidden]
-    return W.dense_mlp(moe, h, gate_up) + routed.view(B, S, hidden)
+    return dense_mlp(moe, h, gate_up) + routed.view(B, S, hidden)
