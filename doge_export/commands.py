@@ -118,7 +118,7 @@ def run_generate(artifact: Path, prompts, input_ids, *, chat, system, backend, p
     cfg = generation_config(manifest, **options)
     ids, tokenizer = prompts_to_ids(manifest, list(prompts), list(input_ids), chat=chat, system=system)
     stream = None if as_json or len(ids) > 1 else make_streamer(tokenizer)
-    with open_runner(manifest, backend, provider=provider, threads=threads, spin=spin) as runner:
+    with open_runner(manifest, backend, provider=provider, threads=threads, spin=spin, batch=len(ids)) as runner:
         result = generate(runner, ids, cfg, on_token=stream)
     texts = [tokenizer.decode(t) if tokenizer else None for t in result.tokens]
     if as_json:

@@ -15,7 +15,8 @@ BACKENDS = ("onnxruntime", "torch", "tensorrt", "onnx-reference")
 
 
 def open_runner(manifest: Manifest, backend: str = "onnxruntime", *, provider: str = "cpu",
-                threads: int | None = None, tie_log: list | None = None, spin: bool = False):
+                threads: int | None = None, tie_log: list | None = None, spin: bool = False,
+                batch: int | None = None):
     if backend == "onnxruntime" and manifest.info.dtype == "bfloat16":
         raise DogeExportError(
             "ONNX Runtime has no bfloat16 kernels on CPU, so it cannot run this bf16 artifact: use "
@@ -29,7 +30,7 @@ def open_runner(manifest: Manifest, backend: str = "onnxruntime", *, provider: s
     if backend == "onnxruntime":
         from .backends.ort import OrtRunner
 
-        return OrtRunner(manifest, provider=provider, threads=threads, spin=spin)
+        return OrtRunner(manifest, provider=provider, threads=threads, spin=spin, batch=batch)  # sessions for it
     if backend == "torch":
         return torch_reference(manifest, tie_log=tie_log)
     if backend == "tensorrt":

@@ -48,7 +48,7 @@ def binary_step_attention(attn, x, rope, past, layout, **projection):
     slot = torch.argmax(empty.to(torch.int32), dim=-1)  # first empty slot
     slot_bias = torch.where(empty, x.new_full((), float("-inf")), bias)
     scores_cache = W.scaled(torch.matmul(q, key.transpose(-1, -2)), D, rope) + slot_bias[:, :, None, :]
-    scores_own = W.scaled((q * k).sum(-1, keepdim=True), D, rope) + new_bias[:, :, None, None]
+    scores_own = W.scaled(W.own_score(q, k), D, rope) + new_bias[:, :, None, None]
     probs = F.softmax(torch.cat((scores_cache, scores_own), dim=-1), dim=-1, dtype=torch.float32).to(q.dtype)
     C = key.shape[2]
     out = torch.matmul(probs[..., :C], value) + probs[..., C:] * v  # [B,H,1,D]
