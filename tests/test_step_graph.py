@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from doge_export.backends.ort import OrtRunner
+from doge_export.errors import DogeExportError
 from doge_export.fused import FusedLinear
 from doge_export.model import load_model
 from doge_export.rope import ElementwiseRope, MatrixRope, RotaryFromPositions, rotate_half, rotate_half_matrix
@@ -74,3 +75,14 @@ def test_spinning_and_batch_specialized_sessions_give_the_same_logits(artifacts)
         assert plain.session_batch == 3  # rebuilt for the batch it met
         np.testing.assert_allclose(_decode(spinning, ids), first, rtol=0, atol=1e-5)
         np.testing.assert_allclose(_decode(plain, ids[:1]), first[:, :1], rtol=0, atol=1e-5)
+
+
+def test_a_step_of_another_batch_size_is_refused_with_the_expected_shape(artifacts):
+    """The step's inputs are bound once per generation: a step must match the prefill's batch."""
+    manifest = artifacts("tiny", seed=1)[0]
+    ids = np.random.default_rng(0).integers(3, manifest.info.vocab_size, (2, 5))
+    with OrtRunner(manifest) as runner:
+        logits = runner.prefill(ids, np.ones_like(ids), np.tile(np.arange(5), (2, 1)))
+        with pytest.raises(DogeExportError, match=r"batch 2, so it takes \[2, 1\]"):
+            runner.step(logits.argmax(-1)[:1, None], np.full((1, 1), 5))
+        assert runner.step(logits.argmax(-1)[:, None], np.full((2, 1), 5)).shape == (2, manifest.info.vocab_size)

@@ -147,7 +147,9 @@ class OrtRunner(Runner):
         logits_dtype = np.float32 if info.dtype == "float32" else dtype
         self.step_logits = np.zeros((batch, info.vocab_size), logits_dtype)
         self.rows = RowBuffers(info, batch)
-        arrays = {**self.state.arrays, **self.rows.arrays}
+        # the step's token and position inputs: bound once too, each step writes into them
+        self.step_inputs = {name: np.zeros((batch, 1), np.int64) for name in ("input_ids", "position_ids")}
+        arrays = {**self.state.arrays, **self.rows.arrays, **self.step_inputs}
         self._values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in arrays.items()}
         self._values["logits"] = ort.OrtValue.ortvalue_from_numpy(self.step_logits)
         self._step_binding = self.step_session.io_binding()
@@ -160,6 +162,8 @@ class OrtRunner(Runner):
             for name in row_names(i):
                 self._step_binding.bind_ortvalue_output(name, self._values[name])
         self._step_binding.bind_ortvalue_output("logits", self._values["logits"])
+        for name in self.step_inputs:
+            self._step_binding.bind_ortvalue_input(name, self._values[name])
 
     def _prefill(self, input_ids, attention_mask, position_ids):
         batch = input_ids.shape[0]
@@ -174,10 +178,12 @@ class OrtRunner(Runner):
     def _step(self, input_ids, position_ids):
         if self.state is None:
             raise DogeExportError("step() called before prefill()")
-        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
-        pos = np.ascontiguousarray(position_ids, dtype=np.int64)
-        self._step_binding.bind_cpu_input("input_ids", ids)
-        self._step_binding.bind_cpu_input("position_ids", pos)
+        for name, array in (("input_ids", input_ids), ("position_ids", position_ids)):
+            bound = self.step_inputs[name]
+            if np.shape(array) != bound.shape:
+                raise DogeExportError(f"step {name} has shape {np.shape(array)}; this generation runs "
+                                      f"batch {bound.shape[0]}, so it takes [{bound.shape[0]}, 1]")
+            bound[...] = array
         self.step_session.run_with_iobinding(self._step_binding)
-        self.state.write_rows(self.rows, pos)
+        self.state.write_rows(self.rows, self.step_inputs["position_ids"])
         return self.step_logits.astype(np.float32, copy=True)
