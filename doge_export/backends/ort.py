@@ -4,7 +4,10 @@ Imports neither torch nor transformers (a deployment box needs numpy + onnxrunti
 - Weights: weights.bin is read once into memory and handed to both sessions as shared initializers.
 - State: numpy arrays per layer (state.py), bound once through IO binding; prefill writes its
   state outputs straight into them, the step reads them in place, and the runtime writes only the
-  new row of each layer into its slot (one numpy scatter for all layers).
+  new row of each layer into its slot (one indexed numpy write per buffer for all layers).
+- The step's token and position inputs are bound once too (numpy arrays the step writes into):
+  everything Python does between two steps runs with caches the step has just flushed, where a
+  bind call cost ~20 us instead of ~1 us (measured).
 - No copy of the state per step: in the optimized step graph only the attention products read
   key/value, as one-row MatMuls per query head that MLAS streams in place (q.K^T a FusedMatMul
   with transB; tests/test_bench.py checks it), and the step latency stays flat from position 100
