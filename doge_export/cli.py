@@ -15,6 +15,8 @@ import typer
 
 from .errors import DogeExportError
 
+SPIN_HELP = ("ONNX Runtime threads busy-wait between kernels: faster with --threads 2+ on an idle machine, "
+             "slower on a busy one")
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Export Doge small language models to ONNX / TensorRT and run them.")
 
@@ -66,7 +68,7 @@ def generate(
     backend: str = typer.Option("onnxruntime", help="onnxruntime, torch or tensorrt"),
     provider: str = typer.Option("cpu", help="ONNX Runtime provider: cpu, cuda or auto"),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads"),
-    spin: bool = typer.Option(False, help="ONNX Runtime threads busy-wait between kernels: faster with --threads 2+ on an idle machine, slower on a busy one"),
+    spin: bool = typer.Option(False, help=SPIN_HELP),
     as_json: bool = typer.Option(False, "--json", help='Print {"tokens": [[...]], "text": [...]}'),
 ):
     """Generate text or token ids from an artifact folder."""
@@ -118,7 +120,7 @@ def bench(
     warmup: int = typer.Option(1, help="Warm-up generations per backend, not measured"),
     repeats: int = typer.Option(3, help="Measured generations per backend"),
     threads: Optional[int] = typer.Option(None, help="Threads per backend [all cores]"),
-    spin: bool = typer.Option(False, help="ONNX Runtime threads busy-wait between kernels: faster with --threads 2+ on an idle machine, slower on a busy one"),
+    spin: bool = typer.Option(False, help=SPIN_HELP),
     probe_to: int = typer.Option(0, help="Also decode one prompt to this position and check step latency stays flat"),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full report as JSON here"),
     plot: Optional[Path] = typer.Option(None, help="Write a PNG: latency vs position, tokens/s (needs matplotlib)"),
