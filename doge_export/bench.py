@@ -6,7 +6,7 @@ noisy neighbour slows every backend alike; warm-up generations are run and dropp
 it stamps the clock when each token is available (after any device sync: runners return host
 arrays): time to first token = prefill + first token, decode latency = gap between tokens.
 
-The floor: bytes read per token (every weight matrix the step multiplies + the whole state or
+The floor: bytes read per token (every weight matrix the step multiplies + the state slots or
 KV cache it attends over) / the memory bandwidth measured in the same run by a multi-threaded
 read of a buffer far larger than the L3 cache. Tokens/s count every batch row.
 """
@@ -111,7 +111,8 @@ def _open(backend: str, manifest, threads: int | None, batch: int, spin: bool = 
 
             runner = open_runner(manifest, backend)
         return runner, {"weight_bytes": manifest.data["weights"]["bytes"],
-                        "weight_bytes_per_token": step_weight_bytes(manifest)}
+                        "weight_bytes_per_token": step_weight_bytes(manifest),
+                        "attends_filled": bool(getattr(runner, "attend_filled", False))}
     import torch
 
     if threads:
@@ -247,6 +248,17 @@ def _timed_probe(runner, prompt: np.ndarray, to_position: int) -> dict:
     """Batch-1 decode from a short prompt to `to_position`, step latency at every position; then,
     where the runner's state is host memory, each window replayed from a snapshot of the state,
     PROBE_ROUNDS times in turn, so that a drift of the machine's load does not read as a trend."""
+    filled = getattr(runner, "attend_filled", None)
+    if filled:  # flat means no copy per step: time the step reading all C slots, whatever the fill
+        runner.attend_filled = False
+    try:
+        return _probe_steps(runner, prompt, to_position)
+    finally:
+        if filled:
+            runner.attend_filled = filled
+
+
+def _probe_steps(runner, prompt: np.ndarray, to_position: int) -> dict:
     ids = prompt[None]
     first = ids.shape[1]
     logits = runner.prefill(ids, np.ones_like(ids), np.arange(first)[None])

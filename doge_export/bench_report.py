@@ -78,11 +78,12 @@ def summarize(runs: list[dict], batch: int) -> dict:
     }
 
 
-def state_bytes(info, batch: int) -> int:
-    """The bounded state the step reads: key, value, bias per slot and an int64 position."""
+def state_bytes(info, batch: int, slots: float | None = None) -> float:
+    """The bounded state the step reads, at `slots` slots per set (default: all C): key, value,
+    bias per slot and an int64 position."""
     item = 2 if info.dtype in ("float16", "bfloat16") else 4
     per_slot = 2 * info.head_dim * item + item + 8
-    return info.num_layers * batch * info.num_kv_heads * info.capacity * per_slot
+    return info.num_layers * batch * info.num_kv_heads * (info.capacity if slots is None else slots) * per_slot
 
 
 def kv_cache_bytes(info, batch: int, length: float) -> float:
@@ -92,11 +93,15 @@ def kv_cache_bytes(info, batch: int, length: float) -> float:
 
 def add_floor(entry: dict, backend: str, info, cfg, weights: dict, bandwidth_gb_s: float) -> None:
     """Bytes per token, the bandwidth floor and the resident-size target of one backend."""
-    if backend in ("onnxruntime", "tensorrt"):
+    mean_len = cfg.prompt_len + cfg.new_tokens / 2
+    if backend in ("onnxruntime", "tensorrt") and not weights.get("attends_filled"):
         state, kind = state_bytes(info, cfg.batch), "bounded state, every slot"
         final_state = state
+    elif backend in ("onnxruntime", "tensorrt"):  # the filled slots only (the floor does not count
+        slots = min(mean_len, info.capacity)  # the up to 63 empty ones the runner reads too)
+        state, kind = state_bytes(info, cfg.batch, slots), f"filled state slots, {slots:g} on average"
+        final_state = state_bytes(info, cfg.batch)
     else:
-        mean_len = cfg.prompt_len + cfg.new_tokens / 2
         state, kind = kv_cache_bytes(info, cfg.batch, mean_len), f"growing KV cache at mean length {mean_len:g}"
         final_state = kv_cache_bytes(info, cfg.batch, cfg.prompt_len + cfg.new_tokens)
     total = weights["weight_bytes_per_token"] + state

@@ -1,8 +1,11 @@
 """The graph contract as data (DESIGN §3): names, dtypes and symbolic shapes of both graphs.
 
 Export, runners, validation, TensorRT profiles and the manifest all read it from here.
-Symbolic dims: "batch" (B) and "prompt" (T); every other dim is fixed by the artifact.
-State per layer i: key.i / value.i [B,G,C,D], bias.i [B,G,C], position.i [B,G,C] int64.
+Symbolic dims: "batch" (B), "prompt" (T) and the step's "slots" (S); every other dim is fixed by
+the artifact. State per layer i: key.i / value.i [B,G,C,D], bias.i [B,G,C], position.i [B,G,C]
+int64 as prefill writes it; the step reads any first S slots of each (B,G) slot set, 1 <= S <= C,
+which gives the same result as all C while slots S..C-1 are empty and at least one of the S is
+(docs/runtime-contract.md §4): a runtime attends over the filled part only.
 The step returns per layer the new row and where it goes: new_key.i / new_value.i [B,G,D],
 new_bias.i [B,G], slot.i [B,G] int64 (-1: the new token lost and nothing is written).
 """
@@ -14,7 +17,7 @@ from dataclasses import asdict, dataclass
 STATE_FIELDS = ("key", "value", "bias", "position")
 ROW_FIELDS = ("new_key", "new_value", "new_bias", "slot")
 EMPTY_POSITION = -1
-BATCH, PROMPT = "batch", "prompt"
+BATCH, PROMPT, SLOTS = "batch", "prompt", "slots"
 
 
 @dataclass(frozen=True)
@@ -63,8 +66,9 @@ def row_names(layer: int) -> tuple[str, ...]:
     return tuple(f"{field}.{layer}" for field in ROW_FIELDS)
 
 
-def state_specs(info: ModelInfo) -> list[TensorSpec]:
-    G, C, D = info.num_kv_heads, info.capacity, info.head_dim
+def state_specs(info: ModelInfo, slots: int | str | None = None) -> list[TensorSpec]:
+    """Per layer key, value, bias, position; slots: the slot dim (default C, the prefill's)."""
+    G, C, D = info.num_kv_heads, info.capacity if slots is None else slots, info.head_dim
     specs = []
     for i in range(info.num_layers):
         key, value, bias, position = state_names(i)
@@ -102,7 +106,7 @@ def prefill_outputs(info: ModelInfo) -> list[TensorSpec]:
 
 def step_inputs(info: ModelInfo) -> list[TensorSpec]:
     ids = [TensorSpec(n, "int64", (BATCH, 1)) for n in ("input_ids", "position_ids")]
-    return ids + state_specs(info)
+    return ids + state_specs(info, SLOTS)
 
 
 def step_outputs(info: ModelInfo) -> list[TensorSpec]:

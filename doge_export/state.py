@@ -24,16 +24,25 @@ def _layer_views(field: str, stacked: np.ndarray) -> dict:
     return {f"{field}.{i}": stacked[i] for i in range(stacked.shape[0])}
 
 
+WIDTH_STEP = 64  # the attended width grows in steps of this many slots
+
+
 class StateBuffers:
-    """Per layer: key/value [B,G,C,D], bias [B,G,C], position [B,G,C] int64, all C-contiguous.
+    """Per layer: key/value [B,G,S,D], bias [B,G,S], position [B,G,S] int64, all C-contiguous.
+
+    S, the width, is how many slots of each slot set the step reads: C after prefill (which
+    writes all C), then, where the step graph takes a symbolic slot dim, only as many as hold
+    tokens plus at least one empty slot (fit_width), growing by WIDTH_STEP as tokens arrive. The
+    eviction rule then picks the same slot as over all C, and the empty slots it skips add exact
+    zeros to the softmax: the step reads the filled part of the state only.
 
     Memory layout (what makes the step's row write a handful of numpy calls for all layers):
-    the L*B*G (layer, batch row, KV head) slot sets are numbered s = 0..N/C-1 (N = L*B*G*C slots),
-    slot c of set s is flat slot s*C + c, and
+    the L*B*G (layer, batch row, KV head) slot sets are numbered s = 0..L*B*G-1 (N = L*B*G*C
+    slots); set s of layer l = s // (B*G) starts at flat slot l*B*G*C + (s % (B*G))*S, and
       kv        [2N+2, D]: key slots 0..N-1, a spare row N, value slots N+1..2N, a spare row 2N+1
       bias/position [N+1]: slots 0..N-1 and a spare element N
-    Each layer's tensors are contiguous views of the first N (or the value) slots; a row the step
-    does not keep (slot -1) is written to the spare row instead of being filtered out.
+    Each layer's tensors are contiguous views of the first B*G*S slots of its region; a row the
+    step does not keep (slot -1) is written to the spare row instead of being filtered out.
     """
 
     def __init__(self, info: ModelInfo, batch: int):
@@ -46,22 +55,83 @@ class StateBuffers:
         self._kv = np.zeros((2 * n + 2, D), dtype)
         self._bias = np.zeros(n + 1, dtype)
         self._position = np.zeros(n + 1, np.int64)
-        shape = (L, batch, G, C)
-        self.stacked = {"key": self._kv[:n].reshape(*shape, D), "value": self._kv[n + 1:2 * n + 1].reshape(*shape, D),
-                        "bias": self._bias[:n].reshape(shape), "position": self._position[:n].reshape(shape)}
-        self.arrays = {k: v for f, a in self.stacked.items() for k, v in _layer_views(f, a).items()}
-        sets = np.arange(L * batch * G)
-        self._set_start = sets * C  # first flat slot of each set
-        self._set_row = sets // G % batch  # its batch row
+        sets = batch * G
+        # per field: [L, B*G*C, ...], each layer's region
+        self._regions = {"key": self._kv[:n].reshape(L, sets * C, D),
+                         "value": self._kv[n + 1:2 * n + 1].reshape(L, sets * C, D),
+                         "bias": self._bias[:n].reshape(L, sets * C), "position": self._position[:n].reshape(L, sets * C)}
+        self._empty = {"key": 0, "value": 0, "bias": dtype_min(dtype), "position": EMPTY_POSITION}
+        all_sets = np.arange(L * sets)
+        self._layer_start = all_sets // sets * (sets * C)
+        self._set_in_layer = all_sets % sets
+        self._set_row = all_sets // G % batch  # its batch row
         self._kv_offset = np.array([[0], [n + 1]])  # key / value region starts
-        self._target = np.empty(len(sets), np.int64)  # per set: the flat slot written this step
-        self._kv_target = np.empty((2, len(sets)), np.int64)
+        self._target = np.empty(len(all_sets), np.int64)  # per set: the flat slot written this step
+        self._kv_target = np.empty((2, len(all_sets)), np.int64)
+        self._set_views(C)
+        self.capacity_arrays = self.arrays  # all C slots: what prefill writes
+        self.used = 0  # slots [used, C) of every set are empty
         self.clear()
+
+    def _set_views(self, width: int) -> None:
+        L, B, G = self.info.num_layers, self.batch, self.info.num_kv_heads
+        self.width = width
+        self.stacked = {f: r[:, :B * G * width].reshape(L, B, G, width, *r.shape[2:]) for f, r in self._regions.items()}
+        self.arrays = {k: v for f, a in self.stacked.items() for k, v in _layer_views(f, a).items()}
+        self._set_start = self._layer_start + self._set_in_layer * width  # first flat slot of each set
 
     def clear(self) -> None:
         self._kv.fill(0)
         self._bias.fill(dtype_min(self._bias.dtype))
         self._position.fill(EMPTY_POSITION)
+        self._set_views(self.info.capacity)
+        self.used = 0
+
+    def after_prefill(self) -> None:
+        """Prefill has written all C slots of every set: views back to width C, `used` measured."""
+        self._set_views(self.info.capacity)
+        occupied = (self._regions["position"] != EMPTY_POSITION) | (self._regions["bias"] != self._empty["bias"])
+        per_slot = occupied.reshape(-1, self.info.capacity).any(axis=0)  # [C]: any set holds this slot
+        self.used = int(per_slot.nonzero()[0][-1]) + 1 if per_slot.any() else 0
+
+    def fit_width(self) -> bool:
+        """Move to the narrowest width that holds every token plus an empty slot (or C); True when
+        the width changed (the views are new: rebind them)."""
+        C = self.info.capacity
+        width = min(C, -(-(self.used + 1) // WIDTH_STEP) * WIDTH_STEP)
+        if width == self.width:
+            return False
+        self._relayout(width)
+        return True
+
+    def advance(self) -> bool:
+        """After a step's write_rows: every set gained at most one slot. True when the width grew."""
+        self.used = min(self.used + 1, self.info.capacity)
+        return self.used >= self.width and self.width < self.info.capacity and self.fit_width()
+
+    def _relayout(self, width: int) -> None:
+        """Each layer's sets from `self.width` slots apart to `width` apart, in place. Growing, the
+        new slots are filled empty (sets move up, the last first); shrinking, the dropped slots
+        [width, S) must be empty (sets move down, the first first)."""
+        old, sets = self.width, self.batch * self.info.num_kv_heads
+        keep = min(old, width)
+        order = range(sets - 1, -1, -1) if width > old else range(sets)
+        for j in order:
+            for field, region in self._regions.items():
+                if j:
+                    region[:, j * width:j * width + keep] = region[:, j * old:j * old + keep]
+                if width > old:
+                    region[:, j * width + old:(j + 1) * width] = self._empty[field]
+        self._set_views(width)
+
+    def full_arrays(self) -> dict[str, np.ndarray]:
+        """Copies of every state tensor at all C slots (the empty ones filled in), by name."""
+        C, out = self.info.capacity, {}
+        for name, array in self.arrays.items():
+            full = np.full(array.shape[:2] + (C,) + array.shape[3:], self._empty[name.split(".")[0]], array.dtype)
+            full[:, :, :self.width] = array
+            out[name] = full
+        return out
 
     def write_rows(self, rows, position_ids: np.ndarray) -> None:
         """rows: the step's outputs (RowBuffers, or a dict by name); position_ids [B,1].
@@ -79,7 +149,7 @@ class StateBuffers:
         self._position[target] = position_ids.reshape(-1)[self._set_row]
 
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in self.stacked.values())
+        return sum(r.nbytes for r in self._regions.values())
 
 
 class RowBuffers:

@@ -115,14 +115,15 @@ def state_checks(runner: Runner, reference: Runner, ids, mask, atol: float) -> l
     if state is None or cache is None or not hasattr(reference, "state_rows"):
         return []
     expected = reference.state_rows(ids, mask, runner.info.capacity)
+    arrays = state.full_arrays() if hasattr(state, "full_arrays") else state.arrays  # all C slots
     checks = []
     for field_name in ("key", "value", "bias"):
         worst = 0.0
         for layer in range(runner.info.num_layers):
-            got = state.arrays[f"{field_name}.{layer}"]
+            got = arrays[f"{field_name}.{layer}"]
             want = expected[f"{field_name}.{layer}"]
             occupied = expected[f"position.{layer}"] >= 0
-            same_slots = np.array_equal(state.arrays[f"position.{layer}"], expected[f"position.{layer}"])
+            same_slots = np.array_equal(arrays[f"position.{layer}"], expected[f"position.{layer}"])
             delta = np.abs(got[occupied].astype(np.float64) - want[occupied])
             if field_name == "bias":  # exp(A*softplus(dt)) spans decades: compare relatively
                 delta = delta / np.maximum(1.0, np.abs(want[occupied]))

@@ -162,49 +162,53 @@ def prefill_attention(attn, x, rope, valid, positions, capacity, layout: Layout 
     return out, state
 
 
-def evict_slot(bias, position, new_bias):
+def evict_slot(bias, position, new_bias, slot_index=None):
     """One step of the eviction rule, per batch row and KV head.
 
-    bias/position [B,G,C], new_bias [B,G,1] -> slot [B,G,1] int64 (-1: the new token lost),
-    slot_mask [B,G,C] bool (slot excluded from this step), new_wins [B,G,1] bool.
-    Among the C slots and the new token the smallest bias is left out; among equal biases the
-    latest position loses, and the new token is always the latest. (keepdim throughout: no
-    Unsqueeze nodes in the step graph.)
+    bias/position [B,G,S], new_bias [B,G,1], slot_index [S] (arange(S); given once for all layers)
+    -> slot [B,G,1] int64 (-1: the new token lost), slot_mask [B,G,S] bool (slot excluded from this
+    step), new_wins [B,G,1] bool.
+    Among the S slots and the new token the smallest bias is left out; among equal biases the
+    latest position loses, and the new token is always the latest; among empty slots (equal bias
+    and position) the first. (keepdim and scalar fills throughout: no Unsqueeze nodes, and no
+    shape arithmetic on the symbolic slot dim, in the step graph.)
     """
     smallest = bias.min(dim=-1, keepdim=True).values  # [B,G,1]
-    candidates = torch.where(bias == smallest, position, torch.full_like(position, -2))
+    candidates = torch.where(bias == smallest, position, position.new_full((), -2))
     victim = candidates.argmax(dim=-1, keepdim=True)  # latest position among the smallest
     new_wins = new_bias > smallest
-    slot = torch.where(new_wins, victim, torch.full_like(victim, -1))
-    slots = torch.arange(bias.shape[-1], device=bias.device)
-    slot_mask = (slots == victim) & new_wins
+    slot = torch.where(new_wins, victim, victim.new_full((), -1))
+    if slot_index is None:
+        slot_index = torch.arange(bias.shape[-1], device=bias.device)
+    slot_mask = (slot_index == victim) & new_wins
     return slot, slot_mask, new_wins
 
 
-def step_attention(attn, x, rope, past, layout: Layout = NATIVE, **projection):
+def step_attention(attn, x, rope, past, layout: Layout = NATIVE, slot_index=None, **projection):
     """x [B,1,hidden]; past = (key, value, bias, position) -> (out, (new_k, new_v, new_b, slot)).
 
-    The cache is only read: scores against the C slots and against the new key are softmaxed
-    together (C+1 numbers per head) and only the new row comes back. Each query head meets the
-    cache in its own one-row MatMul ([B,G,R,1,D] x [B,G,1,D,C]): ONNX Runtime's CPU GEMM then
+    The cache is only read: scores against the S slots and against the new key are softmaxed
+    together (S+1 numbers per head) and only the new row comes back. S is symbolic (any first S
+    slots of the C, see spec.py), so nothing here reshapes along it. Each query head meets the
+    cache in its own one-row MatMul ([B,G,R,1,D] x [B,G,1,D,S]): ONNX Runtime's CPU GEMM then
     streams K and V in place (its M=1 kernels) instead of packing a copy of them per call, which
-    it does for a [R,D] x [D,C] product. rope (MatrixRope) folds the 1/sqrt(D) into q in fp32.
+    it does for a [R,D] x [D,S] product. rope (MatrixRope) folds the 1/sqrt(D) into q in fp32.
     """
     key, value, bias, position = past
     q, k, v, w = project_qkv(attn, x, rope, layout, **projection)  # q [B,1,H,D], k/v [B,1,G,D], w [B,G,1]
     B, _, H, D = q.shape
-    G, C = key.shape[1], key.shape[2]
-    minv = min_value(x.dtype)
-    slot, slot_mask, new_wins = evict_slot(bias, position, w)
-    slot_bias = torch.where(slot_mask, torch.full_like(bias, minv), bias)  # [B,G,C]
-    own_bias = torch.where(new_wins, w, torch.full_like(w, minv))  # [B,G,1]
+    G = k.shape[2]  # from k, not the cache: a Shape of the cache would not fold (symbolic S)
+    minv = bias.new_full((), min_value(x.dtype))
+    slot, slot_mask, new_wins = evict_slot(bias, position, w, slot_index)
+    slot_bias = torch.where(slot_mask, minv, bias)  # [B,G,S]
+    own_bias = torch.where(new_wins, w, minv)  # [B,G,1]
     q5 = q.view(B, G, H // G, 1, D)  # S = 1: token-major is head-major
     k5, v5 = k.view(B, G, 1, 1, D), v.view(B, G, 1, 1, D)
-    scores_cache = scaled(torch.matmul(q5, key.unsqueeze(2).transpose(-1, -2)), D, rope)  # [B,G,R,1,C]
+    scores_cache = scaled(torch.matmul(q5, key.unsqueeze(2).transpose(-1, -2)), D, rope)  # [B,G,R,1,S]
     scores_own = scaled(own_score(q5, k5), D, rope)  # [B,G,R,1,1]
-    biases = torch.cat((slot_bias, own_bias), dim=-1).view(B, G, 1, 1, C + 1)
+    biases = torch.cat((slot_bias, own_bias), dim=-1).view(B, G, 1, 1, -1)  # [B,G,1,1,S+1]
     probs = softmax_fp32(torch.cat((scores_cache, scores_own), dim=-1) + biases).to(q.dtype)
-    out = torch.matmul(probs[..., :C], value.unsqueeze(2)) + probs[..., C:] * v5  # [B,G,R,1,D]
+    out = torch.matmul(probs[..., :-1], value.unsqueeze(2)) + probs[..., -1:] * v5  # [B,G,R,1,D]
     out = attn.o_proj(out.reshape(B, 1, H * D))
     return out, (k[:, 0], v[:, 0], w[..., 0], slot[..., 0])
 
@@ -348,10 +352,12 @@ class StepWrapper(DogeGraph):
         rope = MatrixRope(*self.rotary(position_ids, h.dtype), fold_scale=h.dtype == torch.float32)
         rows = []
         attention = self.attention()[1]
+        # arange(S) once for every layer's eviction rule (S: the symbolic slot dim)
+        extra = {} if self.layout.mask == "binary" else {"slot_index": torch.arange(past[2].shape[-1])}
         for i, layer in enumerate(self.layers()):
             attn_in = layer.input_layernorm(h)
             out, row = attention(layer.self_attn, attn_in, rope, past[4 * i : 4 * i + 4], self.layout,
-                                 **self.projection(i, input_ids))
+                                 **extra, **self.projection(i, input_ids))
             h = layer.input_residual * h + out
             h = self.mlp(i, layer, h)
             rows.extend(row)

@@ -2,6 +2,7 @@
 
 import numpy as np
 
+from doge_export import state as state_module
 from doge_export.spec import EMPTY_POSITION, ModelInfo
 from doge_export.state import RowBuffers, StateBuffers
 
@@ -10,12 +11,12 @@ INFO = ModelInfo(vocab_size=10, num_layers=3, num_heads=4, num_kv_heads=2, head_
 L, B, G, C, D = INFO.num_layers, 2, INFO.num_kv_heads, INFO.capacity, INFO.head_dim
 
 
-def filled_rows(rng) -> RowBuffers:
+def filled_rows(rng, width: int = C) -> RowBuffers:
     rows = RowBuffers(INFO, B)
     rows.stacked["new_key"][...] = rng.standard_normal((L, B, G, D))
     rows.stacked["new_value"][...] = rng.standard_normal((L, B, G, D))
     rows.stacked["new_bias"][...] = rng.standard_normal((L, B, G))
-    rows.stacked["slot"][...] = rng.integers(-1, C, (L, B, G))
+    rows.stacked["slot"][...] = rng.integers(-1, width, (L, B, G))
     return rows
 
 
@@ -70,3 +71,34 @@ def test_write_rows_takes_the_outputs_by_name():
     by_name.write_rows({name: array.copy() for name, array in rows.arrays.items()}, positions)
     for name, array in by_buffers.arrays.items():
         np.testing.assert_array_equal(by_name.arrays[name], array, err_msg=name)
+
+
+def test_the_width_moves_every_set_in_place_and_loses_no_slot(monkeypatch):
+    """After a prefill that filled 3 of the 5 slots, the step reads 4 (3 + an empty one, in steps
+    of 2); rows written at width 4 land where the per-layer loop puts them; the width then grows
+    back to all 5 with every slot where it was, and a new prefill starts again from 5."""
+    monkeypatch.setattr(state_module, "WIDTH_STEP", 2)
+    rng = np.random.default_rng(2)
+    state = StateBuffers(INFO, B)
+    pointers = {state._kv.ctypes.data, state._bias.ctypes.data, state._position.ctypes.data}
+    for name, array in state.capacity_arrays.items():  # what prefill writes: slots 0..2 filled
+        kind = name.split(".")[0]
+        array[:, :, :3] = rng.integers(0, 50, array[:, :, :3].shape) if kind != "position" else np.arange(3)
+    state.after_prefill()
+    before = state.full_arrays()
+    assert state.used == 3 and state.width == C
+    assert state.fit_width() and state.width == 4
+    assert state.arrays["key.1"].shape == (B, G, 4, D) and all(a.flags.c_contiguous for a in state.arrays.values())
+    for name, array in state.full_arrays().items():
+        np.testing.assert_array_equal(array, before[name], err_msg=name)
+    rows = filled_rows(rng, width=4)
+    rows.stacked["slot"][1, 0, 1] = -1
+    positions = np.array([[30], [31]])
+    want = expected_state(state.full_arrays(), rows, positions)
+    state.write_rows(rows, positions)
+    assert state.advance() and state.width == C  # used 4 = width: grown to C
+    for name, array in state.full_arrays().items():
+        np.testing.assert_array_equal(array, want[name], err_msg=name)
+        np.testing.assert_array_equal(state.arrays[name], want[name], err_msg=name)
+    assert not state.advance() and state.width == C
+    assert {state._kv.ctypes.data, state._bias.ctypes.data, state._position.ctypes.data} == pointers

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from doge_export import state as state_module
 from doge_export.backends.ort import OrtRunner
 from doge_export.errors import DogeExportError
 from doge_export.fused import FusedLinear
@@ -86,3 +87,34 @@ def test_a_step_of_another_batch_size_is_refused_with_the_expected_shape(artifac
         with pytest.raises(DogeExportError, match=r"batch 2, so it takes \[2, 1\]"):
             runner.step(logits.argmax(-1)[:1, None], np.full((1, 1), 5))
         assert runner.step(logits.argmax(-1)[:, None], np.full((2, 1), 5)).shape == (2, manifest.info.vocab_size)
+
+
+def test_the_step_over_the_filled_slots_gives_what_the_step_over_all_slots_gives(artifacts, monkeypatch):
+    """The runner reads only the first S slots (the filled ones and an empty one, S growing by
+    WIDTH_STEP): the same logits, tokens and state as reading all C, through the growth, the full
+    window and its evictions. Batch 3, left-padded prompts of 9, 3 and 6 tokens, 2 KV heads."""
+    monkeypatch.setattr(state_module, "WIDTH_STEP", 4)
+    manifest = artifacts("tiny", seed=3, overrides={"keep_window_size": 24})[0]
+    C = manifest.info.capacity
+    assert C == 24 and next(i for i in manifest.data["graphs"]["step"]["inputs"] if i["name"] == "key.0")["shape"][2] == "slots"
+    rng = np.random.default_rng(3)
+    ids = rng.integers(3, manifest.info.vocab_size, (3, 9))
+    mask = np.ones_like(ids)
+    mask[1, :6], mask[2, :3] = 0, 0
+    positions = np.clip(mask.cumsum(-1) - 1, 0, None)
+    results = {}
+    for filled in (True, False):
+        with OrtRunner(manifest, batch=3) as runner:
+            runner.attend_filled = filled
+            logits, widths = [runner.prefill(ids, mask, positions)], [runner.state.width]
+            for p in range(9, 40):  # 40 > C: the window fills and evicts
+                logits.append(runner.step(logits[-1].argmax(-1)[:, None], np.full((3, 1), p)))
+                widths.append(runner.state.width)
+            results[filled] = np.stack(logits), runner.state.full_arrays(), widths
+    (narrow, narrow_state, widths), (full, full_state, full_widths) = results[True], results[False]
+    assert widths[0] == 12 and widths[-1] == C and sorted(set(widths)) == [12, 16, 20, 24], widths
+    assert set(full_widths) == {C}
+    assert (narrow.argmax(-1) == full.argmax(-1)).all()
+    np.testing.assert_allclose(narrow, full, rtol=0, atol=1e-5)
+    for name, array in full_state.items():
+        np.testing.assert_allclose(narrow_state[name], array, rtol=0, atol=1e-5, err_msg=name)

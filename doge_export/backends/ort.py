@@ -31,7 +31,7 @@ import onnxruntime as ort
 
 from ..errors import DogeExportError
 from ..manifest import Manifest
-from ..spec import BATCH, row_names, state_names
+from ..spec import BATCH, SLOTS, row_names, state_names
 from ..state import RowBuffers, StateBuffers, numpy_dtype
 from .base import Runner
 
@@ -107,6 +107,12 @@ def session_from_onnx(path, initializers, providers, threads: int | None, *, pre
     return ort.InferenceSession(str(path), opts, providers=providers)
 
 
+def step_takes_slots(manifest: Manifest) -> bool:
+    """Whether the step graph reads a symbolic number of slots (spec.SLOTS), i.e. any first S."""
+    inputs = {i["name"]: i["shape"] for i in manifest.data["graphs"]["step"]["inputs"]}
+    return inputs.get("key.0", [None] * 3)[2] == SLOTS
+
+
 class OrtRunner(Runner):
     """threads: intra-op threads of both sessions; default: all cores for prefill (compute-bound)
     and STEP_THREADS for the step (bound by memory bandwidth, which one core nearly saturates here,
@@ -130,6 +136,9 @@ class OrtRunner(Runner):
         self._open_sessions(batch or 1)
         self.providers = self.step_session.get_providers()
         self.state: StateBuffers | None = None
+        # read only the filled slots of the state (False: all C, as artifacts before the symbolic
+        # slot dim require; bench's flatness probe sets it False to time the step at full width)
+        self.attend_filled = step_takes_slots(manifest)
 
     def _open_sessions(self, batch: int) -> None:
         step_threads = self._threads or STEP_THREADS
@@ -152,7 +161,7 @@ class OrtRunner(Runner):
         self.rows = RowBuffers(info, batch)
         # the step's token and position inputs: bound once too, each step writes into them
         self.step_inputs = {name: np.zeros((batch, 1), np.int64) for name in ("input_ids", "position_ids")}
-        arrays = {**self.state.arrays, **self.rows.arrays, **self.step_inputs}
+        arrays = {**self.state.capacity_arrays, **self.rows.arrays, **self.step_inputs}
         self._values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in arrays.items()}
         self._values["logits"] = ort.OrtValue.ortvalue_from_numpy(self.step_logits)
         self._step_binding = self.step_session.io_binding()
@@ -160,13 +169,20 @@ class OrtRunner(Runner):
         self._prefill_binding.bind_output("logits", "cpu")  # first: get_outputs()[0]
         for i in range(info.num_layers):
             for name in state_names(i):
-                self._step_binding.bind_ortvalue_input(name, self._values[name])
-                self._prefill_binding.bind_ortvalue_output(name, self._values[name])
+                self._prefill_binding.bind_ortvalue_output(name, self._values[name])  # all C slots
             for name in row_names(i):
                 self._step_binding.bind_ortvalue_output(name, self._values[name])
+        self._bind_state_views()
         self._step_binding.bind_ortvalue_output("logits", self._values["logits"])
         for name in self.step_inputs:
             self._step_binding.bind_ortvalue_input(name, self._values[name])
+
+    def _bind_state_views(self) -> None:
+        """The step reads the state's current views (their width: StateBuffers.fit_width)."""
+        self._step_values = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in self.state.arrays.items()}
+        for name, value in self._step_values.items():
+            self._step_binding.bind_ortvalue_input(name, value)
+        self._bound_width = self.state.width
 
     def _prefill(self, input_ids, attention_mask, position_ids):
         batch = input_ids.shape[0]
@@ -176,6 +192,11 @@ class OrtRunner(Runner):
         for name, array in (("input_ids", input_ids), ("attention_mask", attention_mask), ("position_ids", position_ids)):
             b.bind_cpu_input(name, np.ascontiguousarray(array, dtype=np.int64))
         self.prefill_session.run_with_iobinding(b)
+        self.state.after_prefill()
+        if self.attend_filled:
+            self.state.fit_width()
+        if self.state.width != self._bound_width:
+            self._bind_state_views()
         return b.get_outputs()[0].numpy().astype(np.float32, copy=False)
 
     def _step(self, input_ids, position_ids):
@@ -189,4 +210,6 @@ class OrtRunner(Runner):
             bound[...] = array
         self.step_session.run_with_iobinding(self._step_binding)
         self.state.write_rows(self.rows, self.step_inputs["position_ids"])
+        if self.attend_filled and self.state.advance():
+            self._bind_state_views()
         return self.step_logits.astype(np.float32, copy=True)
