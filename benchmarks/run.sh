@@ -19,12 +19,6 @@ if [[ $STEPS == *export* ]]; then
       doge-export onnx --model random:$model --out "$ART/$model-$q" --force --no-validate --quantize $q
     done
   done
-  # a state sized for the benchmark's 384-token sequences: 512 slots instead of 2048
-  doge-export onnx --model random:doge-20m --out "$ART/doge-20m-ctx512" --force --no-validate --max-context 512
-  for q in int8 int4; do
-    doge-export onnx --model random:doge-20m --out "$ART/doge-20m-ctx512-$q" --force --no-validate \
-      --max-context 512 --quantize $q
-  done
 fi
 
 bench() {  # bench NAME ARTIFACT [options...]
@@ -49,12 +43,7 @@ if [[ $STEPS == *bench* ]]; then
   for q in int8 int4; do
     bench doge-60m-$q-b1-threads1 doge-60m-$q --batch 1 --threads 1
   done
-  bench doge-20m-ctx512-b1-threads1 doge-20m-ctx512 --batch 1 --threads 1
-  for q in int8 int4; do
-    bench doge-20m-ctx512-$q-b1-threads1 doge-20m-ctx512-$q --batch 1 --threads 1
-  done
-  bench doge-20m-ctx512-b8-threads1 doge-20m-ctx512 --batch 8 --threads 1
   # both cores for every backend, onnxruntime's threads spinning (fast on an idle machine only)
-  bench doge-20m-ctx512-b1-threads2-spin doge-20m-ctx512 --batch 1 --threads 2 --spin
-  bench doge-20m-ctx512-int4-b1-threads2-spin doge-20m-ctx512-int4 --batch 1 --threads 2 --spin
+  bench doge-20m-b1-threads2-spin doge-20m --batch 1 --threads 2 --spin
+  bench doge-20m-int4-b1-threads2-spin doge-20m-int4 --batch 1 --threads 2 --spin
 fi

@@ -218,7 +218,7 @@ def format_table(report: dict) -> str:
         w = probe["windows"]
         parts = [f"{k} (pos {v['position']}, fill {v['fill']}) {v['median_ms']:.2f} ms" for k, v in w.items()]
         ratios = ", ".join(f"{k} {v:.2f}x" for k, v in probe["ratios"].items())
-        lines.append(f"step flatness [{name}]: " + "; ".join(parts) + f" -> {ratios}")
+        lines.append(f"step flatness [{name}, all C slots read]: " + "; ".join(parts) + f" -> {ratios}")
     return "\n".join(lines)
 
 
@@ -272,6 +272,6 @@ def _plot_probe(ax, probes: dict) -> None:
                     fmt="o", ms=7, capsize=4, label=f"{name}: windows, {probe['method']} (median, p90)")
         ax.axhline(1.2 * med[0], ls="--", color="grey", lw=1, label="1.2x the first window")
         ax.axvline(probe["capacity"], ls=":", color="grey", lw=1, label=f"state full ({probe['capacity']} slots)")
-    ax.set(xlabel="position", ylabel="step latency (ms)", title="bounded state: step latency along a long decode",
+    ax.set(xlabel="position", ylabel="step latency (ms)", title="bounded state (all C slots read): step latency along a long decode",
            ylim=(0, None))
     ax.legend(fontsize=7, loc="lower right")
