@@ -137,8 +137,10 @@ class OrtRunner(Runner):
         self.providers = self.step_session.get_providers()
         self.state: StateBuffers | None = None
         # read only the filled slots of the state (False: all C, as artifacts before the symbolic
-        # slot dim require; bench's flatness probe sets it False to time the step at full width)
+        # slot dim require; bench's flatness probe sets it False to time the step at full width).
+        # Read at each prefill.
         self.attend_filled = step_takes_slots(manifest)
+        self._narrowing = False
 
     def _open_sessions(self, batch: int) -> None:
         step_threads = self._threads or STEP_THREADS
@@ -193,7 +195,8 @@ class OrtRunner(Runner):
             b.bind_cpu_input(name, np.ascontiguousarray(array, dtype=np.int64))
         self.prefill_session.run_with_iobinding(b)
         self.state.after_prefill()
-        if self.attend_filled:
+        self._narrowing = self.attend_filled  # for this generation: a change applies at the next prefill
+        if self._narrowing:
             self.state.fit_width()
         if self.state.width != self._bound_width:
             self._bind_state_views()
@@ -210,6 +213,6 @@ class OrtRunner(Runner):
             bound[...] = array
         self.step_session.run_with_iobinding(self._step_binding)
         self.state.write_rows(self.rows, self.step_inputs["position_ids"])
-        if self.attend_filled and self.state.advance():
+        if self._narrowing and self.state.advance():
             self._bind_state_views()
         return self.step_logits.astype(np.float32, copy=True)
