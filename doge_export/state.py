@@ -81,9 +81,9 @@ class StateBuffers:
         self._set_start = self._layer_start + self._set_in_layer * width  # first flat slot of each set
 
     def clear(self) -> None:
-        self._kv.fill(0)
-        self._bias.fill(dtype_min(self._bias.dtype))
-        self._position.fill(EMPTY_POSITION)
+        self._kv.fill(self._empty["key"])
+        self._bias.fill(self._empty["bias"])
+        self._position.fill(self._empty["position"])
         self._set_views(self.info.capacity)
         self.used = 0
 

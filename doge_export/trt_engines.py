@@ -57,23 +57,23 @@ def profiles_for(info: ModelInfo, graph: str, batch: int, opt_prompt: int | None
     """{input: (min, opt, max)} for every input of `graph`, from the spec's symbolic dims."""
     opt_t = min(opt_prompt or OPT_PROMPT, info.max_prompt)
     if graph == "step":
-        # the engine attends over all C slots (a CUDA graph replays fixed shapes)
-        ranges = {BATCH: (batch, batch, batch), SLOTS: (info.capacity,) * 3}
+        ranges = {dim: (value,) * 3 for dim, value in step_fixed_dims(batch, info.capacity).items()}
     else:
         ranges = {BATCH: (1, batch, batch), PROMPT: (1, opt_t, info.max_prompt)}
     return {s.name: tuple(tuple(ranges[d][k] if isinstance(d, str) else d for d in s.shape) for k in range(3))
             for s in graph_specs(info)[graph]["inputs"]}
 
 
-def step_fixed_dims(info: ModelInfo, batch: int) -> dict[str, int]:
-    """The symbolic dims a step engine's profile pins (min = opt = max)."""
-    return {BATCH: batch, SLOTS: info.capacity}
+def step_fixed_dims(batch: int, capacity: int) -> dict[str, int]:
+    """The symbolic dims a step engine's profile pins (min = opt = max): its batch, and all C slots
+    (a CUDA graph replays fixed shapes)."""
+    return {BATCH: batch, SLOTS: capacity}
 
 
 def static_findings(manifest: Manifest, graph: str, batch: int) -> list[Finding]:
     """The static rules; the step graph is checked with `batch` pinned, as its engine's profile pins it."""
     model = onnx.load(str(manifest.graph_file(graph)), load_external_data=False)
-    fixed = step_fixed_dims(manifest.info, batch) if graph == "step" else None
+    fixed = step_fixed_dims(batch, manifest.info.capacity) if graph == "step" else None
     return lint_static(model, step_graph=graph == "step", fixed_dims=fixed)
 
 
@@ -214,8 +214,7 @@ def check_engines(manifest: Manifest, installed_version: str | None, local_cc: s
 def lint_file(path: Path, *, flavor: str | None, compute_capability: str, batch: int, step: bool) -> list[Finding]:
     """One ONNX file: static rules (as a step graph with `step`), then TensorRT's parser + build."""
     model = onnx.load(str(path), load_external_data=False)
-    # a step engine pins batch and slots (to the capacity, which a bare file does not say)
-    fixed = {BATCH: batch, SLOTS: 0} if step else None
+    fixed = step_fixed_dims(batch, capacity=0) if step else None  # a bare file does not say its C
     findings = lint_static(model, step_graph=step, fixed_dims=fixed)
     if flavor is not None and not errors(findings):
         findings += lint_with_tensorrt(path, flavor=flavor, compute_capability=compute_capability)
