@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Reproduce benchmarks/results/ (see benchmarks/README.md). Each JSON records its exact command in
+# Reproduce benchmarks/results/<isa>/ (see benchmarks/README.md). Each JSON records its exact command in
 # its "command" field. Artifacts go to $ART (default /tmp/doge-bench); a bench whose JSON exists is
 # skipped (delete it to re-run).   usage: benchmarks/run.sh [export] [bench]   (both by default)
 set -euo pipefail
 ART=${ART:-/tmp/doge-bench}
-OUT=$(cd "$(dirname "$0")" && pwd)/results
+# results are filed by the CPU's vector ISA (AVX2 vs AVX-512, VNNI for int8: different MLAS kernels)
+TAG=${TAG:-$(python -c "from doge_export.bench_report import isa_tag, machine_info; print(isa_tag(machine_info()['cpu_isa']))")}
+OUT=$(cd "$(dirname "$0")" && pwd)/results/$TAG
 STEPS=${*:-"export bench"}
 # the machine is shared: a higher priority (root only) keeps other jobs from preempting the bench
 NICE=${NICE:-$( [ "$(id -u)" = 0 ] && echo "nice -n -10" )}

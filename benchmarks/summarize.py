@@ -1,6 +1,6 @@
 """Print the markdown table of benchmarks/README.md from the recorded JSON reports.
 
-usage: python benchmarks/summarize.py [benchmarks/results]
+usage: python benchmarks/summarize.py [benchmarks/results]   (one table per ISA folder, e.g. results/avx2)
 """
 
 from __future__ import annotations
@@ -38,9 +38,10 @@ HEADER = ("| run | weights | batch | threads | torch-generate tok/s | torch tok/
 
 
 def main(folder: Path) -> None:
-    print(HEADER)
-    for path in sorted(folder.glob("*.json")):
-        print(row(path.stem, json.loads(path.read_text())))
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir() and any(p.glob("*.json"))):
+        print(f"\n### {sub.name}\n\n{HEADER}")
+        for path in sorted(sub.glob("*.json")):
+            print(row(path.stem, json.loads(path.read_text())))
 
 
 if __name__ == "__main__":

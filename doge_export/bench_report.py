@@ -37,6 +37,31 @@ def _read(path: str) -> str | None:
         return None
 
 
+# CPU features that decide which MLAS kernels run (fp32 GEMM width, int8 dot products)
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "asimd", "sve")
+
+
+def cpu_isa(cpuinfo: str) -> list[str]:
+    """The ISA_FLAGS that /proc/cpuinfo's flags (x86) or Features (arm) line lists, in ISA_FLAGS order."""
+    line = next((ln for ln in cpuinfo.splitlines() if ln.startswith(("flags", "Features"))), "")
+    present = set(line.split(":", 1)[-1].split())
+    return [f for f in ISA_FLAGS if f in present]
+
+
+def isa_summary(isa: list[str]) -> str:
+    """'AVX-512 + VNNI', 'AVX2 without VNNI', ...: the part of cpu_isa that the int8/fp32 kernels use."""
+    vnni = "avx512_vnni" in isa or "avx_vnni" in isa
+    width = "AVX-512" if "avx512f" in isa else "AVX2" if "avx2" in isa else "NEON" if "asimd" in isa else None
+    if width is None:
+        return "unknown ISA"
+    return f"{width} + VNNI" if vnni else f"{width} without VNNI" if width != "NEON" else width
+
+
+def isa_tag(isa: list[str]) -> str:
+    """isa_summary as a folder name: 'avx512-vnni', 'avx2', ... (benchmarks/run.sh files results by it)."""
+    return isa_summary(isa).lower().replace(" without vnni", "").replace(" + ", "-").replace("-512", "512").replace(" ", "-")
+
+
 def machine_info() -> dict:
     cpuinfo = _read("/proc/cpuinfo") or ""
     model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
@@ -50,6 +75,7 @@ def machine_info() -> dict:
     l3 = _read("/sys/devices/system/cpu/cpu0/cache/index3/size")
     return {
         "cpu_model": model,
+        "cpu_isa": cpu_isa(cpuinfo),
         "logical_cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "l3_cache": l3.strip() if l3 else None,
@@ -205,7 +231,7 @@ def format_table(report: dict) -> str:
     lines = [f"{report['artifact']['model']} ({report['artifact']['quantization'] or report['artifact']['dtype']}), "
              f"batch {cfg['batch']}, prompt {cfg['prompt_len']}, {cfg['new_tokens']} new tokens, "
              f"{cfg['repeats']} repeats after {cfg['warmup']} warm-up, threads {cfg['threads'] or 'default'}"
-             f"{' (onnxruntime spinning)' if cfg.get('spin') else ''}; {machine['cpu_model']}, "
+             f"{' (onnxruntime spinning)' if cfg.get('spin') else ''}; {machine['cpu_model']} ({isa_summary(machine.get('cpu_isa', []))}), "
              f"{machine['usable_cores']} cores, bandwidth {machine['bandwidth_gb_s']['used']:.1f} GB/s",
              "  ".join(f"{h:<15}" if k is None else f"{h:>{len(f.format(0.0))}}" for h, f, k in COLUMNS)]
     for name, e in report["backends"].items():

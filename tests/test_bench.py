@@ -14,6 +14,7 @@ import pytest
 
 from doge_export.backends.ort import OrtRunner, shared_initializers
 from doge_export.bench import BenchConfig, step_weight_bytes
+from doge_export.bench_report import cpu_isa, isa_summary
 from doge_export.errors import DogeExportError
 from doge_export.spec import state_names
 
@@ -39,6 +40,7 @@ def test_bench_runs_and_json_has_the_fields(tiny, tmp_path):
     for key in ("cpu_model", "logical_cores", "versions", "bandwidth_gb_s"):
         assert machine[key], key
     assert machine["versions"]["onnxruntime"] and machine["bandwidth_gb_s"]["used"] > 0
+    assert isinstance(machine["cpu_isa"], list) and isa_summary(machine["cpu_isa"]) in result.stdout
     backends = report["backends"]
     assert set(backends) == {"torch-generate", "torch", "onnxruntime", "tensorrt"}
     for name in ("torch-generate", "torch", "onnxruntime"):
@@ -56,6 +58,17 @@ def test_bench_runs_and_json_has_the_fields(tiny, tmp_path):
     assert "onnxruntime" in result.stdout and "p50/floor" in result.stdout
     if plot:
         assert png.stat().st_size > 10_000
+
+
+def test_cpu_isa_reads_the_kernel_relevant_flags():
+    """The results depend on the vector ISA (AVX2 vs AVX-512, VNNI for int8): it is recorded."""
+    zen5 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma avx512f avx512bw avx512_vnni avx512_bf16\n"
+    zen2 = "flags\t\t: fpu sse2 avx avx2 fma\n"
+    assert cpu_isa(zen5) == ["avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16"]
+    assert isa_summary(cpu_isa(zen5)) == "AVX-512 + VNNI"
+    assert isa_summary(cpu_isa(zen2)) == "AVX2 without VNNI"
+    assert isa_summary(cpu_isa("Features\t: fp asimd asimddp\n")) == "NEON"
+    assert cpu_isa("") == [] and isa_summary([]) == "unknown ISA"
 
 
 def test_bench_user_errors(tiny):
