@@ -134,7 +134,8 @@ def export_artifact(loaded: LoadedModel, out_dir: Path, export: ExportConfig, *,
         if export.quantize:  # after validation: the fp32 graphs are the ones proved against PyTorch
             from .quantize import quantize_artifact
 
-            manifest.data["quantization"] = quantize_artifact(manifest, export.quantize, log)
+            manifest.data["quantization"] = quantize_artifact(manifest, export.quantize, log,
+                                                                  block_size=export.quant_block)
             manifest.data["files"] = file_entries(tmp, files)
             manifest.save()
         publish(tmp, out_dir)

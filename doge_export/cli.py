@@ -37,6 +37,7 @@ def onnx(
     exporter: str = typer.Option("torchscript", help="torch exporter: torchscript or dynamo"),
     dtype: str = typer.Option("fp32", help="Graph dtype: fp32 (CPU), fp16 or bf16 (GPU / TensorRT)"),
     quantize: Optional[str] = typer.Option(None, help="Weight-only int8 or int4 for CPU, after fp32 validation; quality vs fp32 recorded"),
+    quant_block: int = typer.Option(32, help="Input features per --quantize scale: 64 or 128 run faster, with a larger error (recorded)"),
     tokenizer: Optional[Path] = typer.Option(None, help="Tokenizer folder to ship (default: the checkpoint's)"),
     allow_pickle: bool = typer.Option(False, help="Allow pickle *.bin checkpoints (can run code)"),
     force: bool = typer.Option(False, help="Replace --out if it is an existing artifact folder"),
@@ -47,7 +48,8 @@ def onnx(
 
     run_export(model, out, seed=seed, overrides=override, max_context=max_context, max_prompt=max_prompt, full_logits=full_logits,
                exporter=exporter, tokenizer=tokenizer, allow_pickle=allow_pickle, force=force,
-               validate=validate, log=progress, dtype=dtype, quantize=quantize)
+               validate=validate, log=progress, dtype=dtype, quantize=quantize,
+               quant_block=quant_block)
 
 
 @app.command()

@@ -14,13 +14,13 @@ from .runtime import open_runner, parse_overrides, prompts_to_ids, torch_referen
 
 def run_export(model: str, out: Path, *, seed: int, overrides: list[str], max_context, max_prompt, full_logits: bool,
                exporter: str, tokenizer, allow_pickle: bool, force: bool, validate: bool, log,
-               dtype: str = "float32", quantize: str | None = None) -> None:
+               dtype: str = "float32", quantize: str | None = None, quant_block: int = 32) -> None:
     from .artifact import export_artifact, prepare_out_dir
     from .export_onnx import ExportConfig
     from .model import load_model
 
     config = ExportConfig(max_context=max_context, max_prompt=max_prompt, full_logits=full_logits, exporter=exporter,
-                          dtype=dtype, quantize=quantize)
+                          dtype=dtype, quantize=quantize, quant_block=quant_block)
     prepare_out_dir(Path(out), force)  # fail before the (slow) model load
     log(f"loading {model} ...")
     loaded = load_model(model, seed=seed, allow_pickle=allow_pickle, overrides=parse_overrides(overrides))

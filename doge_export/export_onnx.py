@@ -37,6 +37,7 @@ class ExportConfig:
     opset: int = 17
     dtype: str = "float32"  # graph dtype: float32, float16 or bfloat16 (fp32/fp16/bf16 accepted)
     quantize: str | None = None  # weight-only "int8" / "int4" after validation (quantize.py); fp32 only
+    quant_block: int = 32  # input features per quantization scale (quantize.py BLOCK_SIZE)
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
@@ -46,6 +47,12 @@ class ExportConfig:
             if self.dtype != "float32":
                 raise DogeExportError(f"--quantize needs fp32 graphs (CPU weight-only quantization), got "
                                       f"--dtype {self.dtype}; drop one of the two options")
+        if self.quant_block not in (16, 32, 64, 128, 256):
+            raise DogeExportError(f"--quant-block must be 16, 32, 64, 128 or 256 (a power of two that "
+                                  f"MatMulNBits takes), got {self.quant_block}")
+        if self.quant_block != 32 and self.quantize is None:
+            raise DogeExportError("--quant-block sets the block of --quantize int8|int4; add --quantize, "
+                                  "or drop --quant-block")
         if self.exporter not in EXPORTERS:
             raise DogeExportError(f"unknown exporter {self.exporter!r}; choose one of {EXPORTERS}")
         for name in ("max_context", "max_prompt"):

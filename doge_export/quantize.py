@@ -23,6 +23,9 @@ from onnx import helper, numpy_helper
 from .errors import DogeExportError
 
 MODES = {"int8": 8, "int4": 4}
+# Default input features per scale (--quant-block). Larger blocks trade accuracy for speed: with
+# int4 Doge-20M (random weights, AVX-512 VNNI), block 64 made the step 8-13% faster than 32 (lm_head
+# 0.32 -> 0.23 ms) at top-1 agreement 0.365 vs 0.376; block 128 0.261 (benchmarks/README.md).
 BLOCK_SIZE = 32
 MIN_ELEMENTS = 1 << 14  # smaller matrices (dt_proj) stay fp32
 QUALITY_STEPS = 512
@@ -136,7 +139,7 @@ def quantized_tensors(model: onnx.ModelProto) -> list[str]:
 GRAPHS = ("prefill", "step")
 
 
-def quantize_artifact(manifest, mode: str, log=print) -> dict:
+def quantize_artifact(manifest, mode: str, log=print, block_size: int = BLOCK_SIZE) -> dict:
     """Replace the fp32 graphs and weights in `manifest`'s (unpublished) folder by quantized ones.
 
     The fp32 files move to a scratch folder, serve as the reference of the quality measurement,
@@ -157,8 +160,8 @@ def quantize_artifact(manifest, mode: str, log=print) -> dict:
         (folder / name).rename(fp32_dir / name)
     fp32 = Manifest(fp32_dir, copy.deepcopy(manifest.data))
     try:
-        log(f"quantizing weights to {mode} (onnxruntime MatMulNBits, block {BLOCK_SIZE}) ...")
-        graphs = {g: quantize_model(onnx.load(str(fp32_dir / f"{g}.onnx")), bits) for g in GRAPHS}
+        log(f"quantizing weights to {mode} (onnxruntime MatMulNBits, block {block_size}) ...")
+        graphs = {g: quantize_model(onnx.load(str(fp32_dir / f"{g}.onnx")), bits, block_size) for g in GRAPHS}
         names = quantized_tensors(graphs["step"])
         manifest.data["weights"] = share_weights(graphs, folder, weights_file)
         for g, model in graphs.items():
@@ -168,7 +171,7 @@ def quantize_artifact(manifest, mode: str, log=print) -> dict:
     finally:
         shutil.rmtree(fp32_dir, ignore_errors=True)
     return {
-        "mode": mode, "bits": bits, "block_size": BLOCK_SIZE, "symmetric": True,
+        "mode": mode, "bits": bits, "block_size": block_size, "symmetric": True,
         "accuracy_level": ACCURACY_LEVEL,
         "method": "onnxruntime MatMulNBitsQuantizer (round to nearest) -> MatMulNBits; the tied embedding "
                   "reads the lm_head's packed bytes through GatherBlockQuantized",

@@ -55,6 +55,25 @@ def test_quantize_options_are_checked():
         ExportConfig(quantize="int3")
     with pytest.raises(DogeExportError, match="fp32"):
         ExportConfig(quantize="int8", dtype="float16")
+    with pytest.raises(DogeExportError, match="quant-block"):
+        ExportConfig(quantize="int4", quant_block=48)
+    with pytest.raises(DogeExportError, match="add --quantize"):
+        ExportConfig(quant_block=64)
+
+
+def test_quant_block_sets_every_block_and_is_recorded(artifacts):
+    """--quant-block 64: MatMulNBits and the tied embedding's GatherBlockQuantized both read 64-wide
+    blocks (the same packed bytes), the manifest says so, and the artifact generates."""
+    manifest, _ = artifacts("tiny", seed=2, quantize="int4", quant_block=64)
+    assert manifest.data["quantization"]["block_size"] == 64
+    for graph in ("prefill", "step"):
+        nodes = onnx.load(str(manifest.graph_file(graph)), load_external_data=False).graph.node
+        blocks = {onnx.helper.get_attribute_value(a) for n in nodes if n.domain == "com.microsoft"
+                  for a in n.attribute if a.name == "block_size"}
+        assert blocks == {64}, (graph, blocks)
+    with OrtRunner(manifest) as runner:
+        tokens = generate(runner, [[5, 6, 7]], GenerateConfig(max_new_tokens=4, stop_ids=())).tokens
+    assert len(tokens[0]) == 4
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
