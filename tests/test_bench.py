@@ -6,6 +6,9 @@ numbers are recorded under benchmarks/.
 
 import importlib.util
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -128,3 +131,15 @@ def test_runner_state_buffers_never_move(tiny):
         assert {n: a.ctypes.data for n, a in runner.state.arrays.items()} == pointers
         assert all(runner.state.arrays[n] is a for n, a in arrays.items())
         assert (runner.state.arrays["position.0"] >= 0).all()  # the window filled up in place
+
+
+def test_ab_step_times_artifacts_side_by_side(tiny):
+    """benchmarks/ab_step.py decodes every artifact in turns and reports its ratio to the first."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "ab_step.py"
+    folder = str(tiny.folder)
+    result = subprocess.run([sys.executable, str(script), folder, folder, "--prompt-len", "8",
+                             "--new-tokens", "40", "--rounds", "1"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith(folder)]
+    assert len(rows) == 2 and "x1.000 of the first" in rows[0]
+    assert all("step p50" in row for row in rows)
