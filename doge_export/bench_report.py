@@ -58,8 +58,10 @@ def isa_summary(isa: list[str]) -> str:
 
 
 def isa_tag(isa: list[str]) -> str:
-    """isa_summary as a folder name: 'avx512-vnni', 'avx2', ... (benchmarks/run.sh files results by it)."""
-    return isa_summary(isa).lower().replace(" without vnni", "").replace(" + ", "-").replace("-512", "512").replace(" ", "-")
+    """A folder name for the ISA: 'avx512-vnni', 'avx2', 'neon', ... (benchmarks/run.sh files results by it)."""
+    vnni = "avx512_vnni" in isa or "avx_vnni" in isa
+    width = "avx512" if "avx512f" in isa else "avx2" if "avx2" in isa else "neon" if "asimd" in isa else "unknown-isa"
+    return f"{width}-vnni" if vnni and width.startswith("avx") else width
 
 
 def machine_info() -> dict:
@@ -231,7 +233,8 @@ def format_table(report: dict) -> str:
     lines = [f"{report['artifact']['model']} ({report['artifact']['quantization'] or report['artifact']['dtype']}), "
              f"batch {cfg['batch']}, prompt {cfg['prompt_len']}, {cfg['new_tokens']} new tokens, "
              f"{cfg['repeats']} repeats after {cfg['warmup']} warm-up, threads {cfg['threads'] or 'default'}"
-             f"{' (onnxruntime spinning)' if cfg.get('spin') else ''}; {machine['cpu_model']} ({isa_summary(machine.get('cpu_isa', []))}), "
+             f"{' (onnxruntime spinning)' if cfg.get('spin') else ''}; "
+             f"{machine['cpu_model']} ({isa_summary(machine.get('cpu_isa', []))}), "
              f"{machine['usable_cores']} cores, bandwidth {machine['bandwidth_gb_s']['used']:.1f} GB/s",
              "  ".join(f"{h:<15}" if k is None else f"{h:>{len(f.format(0.0))}}" for h, f, k in COLUMNS)]
     for name, e in report["backends"].items():

@@ -19,11 +19,13 @@ import torch
 from . import spec
 from .errors import DogeExportError
 from .onnx_weights import share_weights
+from .quantize import BLOCK_SIZE as QUANT_BLOCK
 from .precision import dtype_name, model_dtype, torch_dtype
 from .spec import ModelInfo
 from .wrappers import PrefillWrapper, StepWrapper
 
 EXPORTERS = ("torchscript", "dynamo")
+QUANT_BLOCKS = (16, 32, 64, 128, 256)  # --quant-block choices
 ONNX_DTYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT16,
                "bfloat16": onnx.TensorProto.BFLOAT16, "int64": onnx.TensorProto.INT64}
 
@@ -37,7 +39,7 @@ class ExportConfig:
     opset: int = 17
     dtype: str = "float32"  # graph dtype: float32, float16 or bfloat16 (fp32/fp16/bf16 accepted)
     quantize: str | None = None  # weight-only "int8" / "int4" after validation (quantize.py); fp32 only
-    quant_block: int = 32  # input features per quantization scale (quantize.py BLOCK_SIZE)
+    quant_block: int = QUANT_BLOCK  # input features per quantization scale
 
     def __post_init__(self):
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
@@ -47,10 +49,10 @@ class ExportConfig:
             if self.dtype != "float32":
                 raise DogeExportError(f"--quantize needs fp32 graphs (CPU weight-only quantization), got "
                                       f"--dtype {self.dtype}; drop one of the two options")
-        if self.quant_block not in (16, 32, 64, 128, 256):
-            raise DogeExportError(f"--quant-block must be 16, 32, 64, 128 or 256 (a power of two that "
-                                  f"MatMulNBits takes), got {self.quant_block}")
-        if self.quant_block != 32 and self.quantize is None:
+        if self.quant_block not in QUANT_BLOCKS:
+            raise DogeExportError(f"--quant-block must be one of {', '.join(map(str, QUANT_BLOCKS))} (a power "
+                                  f"of two that MatMulNBits takes), got {self.quant_block}")
+        if self.quant_block != QUANT_BLOCK and self.quantize is None:
             raise DogeExportError("--quant-block sets the block of --quantize int8|int4; add --quantize, "
                                   "or drop --quant-block")
         if self.exporter not in EXPORTERS:

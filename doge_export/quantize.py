@@ -24,7 +24,7 @@ from .errors import DogeExportError
 
 MODES = {"int8": 8, "int4": 4}
 # Default input features per scale (--quant-block). Larger blocks trade accuracy for speed: with
-# int4 Doge-20M (random weights, AVX-512 VNNI), block 64 made the step 8-13% faster than 32 (lm_head
+# int4 Doge-20M (random weights, AVX-512 VNNI), block 64 made the step 8-15% faster than 32 (lm_head
 # 0.32 -> 0.23 ms) at top-1 agreement 0.365 vs 0.376; block 128 0.261 (benchmarks/README.md).
 BLOCK_SIZE = 32
 MIN_ELEMENTS = 1 << 14  # smaller matrices (dt_proj) stay fp32

@@ -17,7 +17,7 @@ import pytest
 
 from doge_export.backends.ort import OrtRunner, shared_initializers
 from doge_export.bench import BenchConfig, step_weight_bytes
-from doge_export.bench_report import cpu_isa, isa_summary
+from doge_export.bench_report import cpu_isa, isa_summary, isa_tag
 from doge_export.errors import DogeExportError
 from doge_export.spec import state_names
 
@@ -72,6 +72,7 @@ def test_cpu_isa_reads_the_kernel_relevant_flags():
     assert isa_summary(cpu_isa(zen2)) == "AVX2 without VNNI"
     assert isa_summary(cpu_isa("Features\t: fp asimd asimddp\n")) == "NEON"
     assert cpu_isa("") == [] and isa_summary([]) == "unknown ISA"
+    assert [isa_tag(cpu_isa(c)) for c in (zen5, zen2, "")] == ["avx512-vnni", "avx2", "unknown-isa"]
 
 
 def test_bench_user_errors(tiny):
