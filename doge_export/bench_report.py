@@ -48,20 +48,25 @@ def cpu_isa(cpuinfo: str) -> list[str]:
     return [f for f in ISA_FLAGS if f in present]
 
 
+def _vector_isa(isa: list[str]) -> tuple[str | None, bool]:
+    """(widest vector ISA: 'avx512' / 'avx2' / 'neon' / None, whether x86 VNNI int8 dot products are there)."""
+    width = "avx512" if "avx512f" in isa else "avx2" if "avx2" in isa else "neon" if "asimd" in isa else None
+    return width, width in ("avx512", "avx2") and ("avx512_vnni" in isa or "avx_vnni" in isa)
+
+
 def isa_summary(isa: list[str]) -> str:
-    """'AVX-512 + VNNI', 'AVX2 without VNNI', ...: the part of cpu_isa that the int8/fp32 kernels use."""
-    vnni = "avx512_vnni" in isa or "avx_vnni" in isa
-    width = "AVX-512" if "avx512f" in isa else "AVX2" if "avx2" in isa else "NEON" if "asimd" in isa else None
-    if width is None:
-        return "unknown ISA"
-    return f"{width} + VNNI" if vnni else f"{width} without VNNI" if width != "NEON" else width
+    """'AVX-512 + VNNI', 'AVX2 without VNNI', 'NEON', 'unknown ISA': what the int8/fp32 kernels use."""
+    width, vnni = _vector_isa(isa)
+    name = {"avx512": "AVX-512", "avx2": "AVX2", "neon": "NEON", None: "unknown ISA"}[width]
+    if width in ("avx512", "avx2"):
+        return f"{name} + VNNI" if vnni else f"{name} without VNNI"
+    return name
 
 
 def isa_tag(isa: list[str]) -> str:
     """A folder name for the ISA: 'avx512-vnni', 'avx2', 'neon', ... (benchmarks/run.sh files results by it)."""
-    vnni = "avx512_vnni" in isa or "avx_vnni" in isa
-    width = "avx512" if "avx512f" in isa else "avx2" if "avx2" in isa else "neon" if "asimd" in isa else "unknown-isa"
-    return f"{width}-vnni" if vnni and width.startswith("avx") else width
+    width, vnni = _vector_isa(isa)
+    return f"{width or 'unknown-isa'}{'-vnni' if vnni else ''}"
 
 
 def machine_info() -> dict:
