@@ -81,7 +81,7 @@ def shared_initializers(manifest: Manifest) -> dict[str, ort.OrtValue]:
 
 
 def session_from_onnx(path, initializers, providers, threads: int | None, *, prepack: bool = True,
-                      batch: int | None = None, spin: bool = False) -> ort.InferenceSession:
+                      batch: int | None = None, spin: bool = False, mem_pattern: bool = True) -> ort.InferenceSession:
     """One session over the shared initializers.
 
     - Worker threads do not spin unless asked (spin): spinning threads starve everything else on
@@ -91,10 +91,15 @@ def session_from_onnx(path, initializers, providers, threads: int | None, *, pre
     - prepack=False keeps MLAS from making its own packed copy of each fp32 weight per session
       (the lm_head alone is 33 MB for Doge-20M); a one-row step streams the weights unpacked.
     - batch: specialize the symbolic batch dim, so the shape arithmetic of the graph folds away.
+    - mem_pattern=False: no memory pattern. After its first run a session plans one block for all
+      of a run's intermediates, allocated on top of the arena chunks the first run grew; for the
+      prefill (large intermediates) that raised peak RSS by 28 MiB (Doge-20M batch 8) at the same
+      prefill time (measured interleaved, benchmarks/README.md).
     """
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
+    opts.enable_mem_pattern = mem_pattern
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     if not prepack:
         opts.add_session_config_entry("session.disable_prepacking", "1")
@@ -145,7 +150,8 @@ class OrtRunner(Runner):
     def _open_sessions(self, batch: int) -> None:
         step_threads = self._threads or STEP_THREADS
         self.prefill_session = session_from_onnx(self._files["prefill"], self._weights, self._providers,
-                                                 self._threads, prepack=self._prepack, batch=batch, spin=self._spin)
+                                                 self._threads, prepack=self._prepack, batch=batch, spin=self._spin,
+                                                 mem_pattern=False)
         self.step_session = session_from_onnx(self._files["step"], self._weights, self._providers,
                                               step_threads, prepack=self._prepack or batch > 1,
                                               batch=batch, spin=self._spin)
