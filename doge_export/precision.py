@@ -31,14 +31,18 @@ SHORT = {v: k for k, v in DTYPES.items()}
 # (|logit| <= 32; tests/test_half.py), while the graphs' worst deviation there was 0.19 (fp16,
 # 12 ulps) and 0.63 (bf16, 5 ulps). Each tolerance sits below that spread, with margin over that.
 TOLERANCES = {"float32": 1e-4, "float16": 0.5, "bfloat16": 1.0}
-# fp32 adds a term relative to the reference's largest |logit| (numpy's allclose convention):
-# summation order alone drifts with context length, and at a 2048-token context Doge-20M's logits
-# (|logit| <= 15) differed by 9.4e-5 after prefill and 1.3e-4 in the steps past it. The tests hold
-# the bare 1e-4 on their configs (tests/test_parity.py); validation of long contexts needs this.
-RELATIVE_TOLERANCES = {"float32": 1e-5, "float16": 0.0, "bfloat16": 0.0}
+# fp32 adds a term relative to the reference's largest |value| (numpy's allclose convention), for
+# logits and the prefill's keys and values: summation order drifts with context length, and the
+# reference itself drifts most. At a 2048-token prompt on Doge-20M (|logit| <= 15; 5 prompts, 32
+# steps each, 2026-12-02) transformers in fp32 was up to 2.5e-4 (prefill) and 4.0e-4 (steps) away
+# from the same weights run in fp64, our fp32 graphs up to 6.9e-5 and 1.1e-4, and the two fp32
+# runs up to 2.3e-4 and 3.2e-4 apart (keys 1.2e-4, |key| <= 6.5). The tests hold the bare 1e-4 on
+# their short configs (tests/test_parity.py); validation of long contexts needs this term.
+RELATIVE_TOLERANCES = {"float32": 3e-5, "float16": 0.0, "bfloat16": 0.0}
 TOLERANCE_WHY = {
-    "float32": "DESIGN §7: fp32 ONNX Runtime vs PyTorch max |dlogits| <= 1e-4, plus 1e-5 x max|logits| "
-               "for the summation-order drift of long contexts (1.3e-4 measured at 2048 tokens on Doge-20M)",
+    "float32": "DESIGN §7: fp32 ONNX Runtime vs PyTorch max |dlogits| <= 1e-4, plus 3e-5 x max|reference| "
+               "(logits; prefill keys and values) for the summation-order drift of long contexts: at 2048 tokens "
+               "on Doge-20M transformers fp32 is up to 4.0e-4 from fp64, the graphs 1.1e-4, the two 3.2e-4 apart",
     "float16": "below what fp16 itself costs (transformers fp16 vs fp32, same weights: 1.2 on the peaked "
                "tiny models, |logit| <= 32) and 2.6x the worst measured graph deviation there (0.19, 12 ulps)",
     "bfloat16": "below what bf16 itself costs (transformers bf16 vs fp32, same weights: 1.07-1.19 on the "

@@ -87,7 +87,7 @@ def compare_case(runner: Runner, reference: Runner, prompts, cfg: ValidateConfig
     ids, mask = left_pad(prompts, runner.info.pad_token_id or 0)
     pos = prompt_positions(mask)
     runner.prefill(ids, mask, pos), reference.prefill(ids, mask, pos)
-    state = state_checks(runner, reference, ids, mask, cfg.atol)
+    state = state_checks(runner, reference, ids, mask, cfg.atol, cfg.rtol or 0.0)
     steps = min(max(cfg.decode_steps, cfg.greedy_steps), runner.info.max_context - ids.shape[1])
     run = lockstep(runner, reference, prompts, steps, tie_log)
     result.reference_finite = run.reference_finite
@@ -108,8 +108,13 @@ def compare_case(runner: Runner, reference: Runner, prompts, cfg: ValidateConfig
     return result
 
 
-def state_checks(runner: Runner, reference: Runner, ids, mask, atol: float) -> list[Check]:
-    """Prefill state vs the reference cache, when both expose them (ORT runner vs torch runner)."""
+def state_checks(runner: Runner, reference: Runner, ids, mask, atol: float, rtol: float = 0.0) -> list[Check]:
+    """Prefill state vs the reference cache, when both expose them (ORT runner vs torch runner).
+
+    key/value: within atol + rtol x the field's largest |reference value| over all layers, like
+    the logits (the same summation-order drift of long contexts: 1.2e-4 on Doge-20M's keys at a
+    2048-token prompt, |key| <= ~5); bias: relative (it spans decades), within atol.
+    """
     state = getattr(runner, "state", None)
     cache = getattr(reference, "cache", None)
     if state is None or cache is None or not hasattr(reference, "state_rows"):
@@ -118,7 +123,7 @@ def state_checks(runner: Runner, reference: Runner, ids, mask, atol: float) -> l
     arrays = state.full_arrays() if hasattr(state, "full_arrays") else state.arrays  # all C slots
     checks = []
     for field_name in ("key", "value", "bias"):
-        worst = 0.0
+        worst, scale = 0.0, 0.0
         for layer in range(runner.info.num_layers):
             got = arrays[f"{field_name}.{layer}"]
             want = expected[f"{field_name}.{layer}"]
@@ -129,8 +134,11 @@ def state_checks(runner: Runner, reference: Runner, ids, mask, atol: float) -> l
                 delta = delta / np.maximum(1.0, np.abs(want[occupied]))
             diff = delta.max() if occupied.any() else 0.0
             worst = max(worst, float(diff) if same_slots else float("inf"))
-        label = "prefill.state.bias (relative)" if field_name == "bias" else f"prefill.state.{field_name}"
-        checks.append(Check(label, worst, atol))
+            if occupied.any():
+                scale = max(scale, float(np.abs(want[occupied]).max()))
+        relative = field_name == "bias"
+        label = "prefill.state.bias (relative)" if relative else f"prefill.state.{field_name}"
+        checks.append(Check(label, worst, atol if relative else atol + rtol * scale))
     return checks
 
 

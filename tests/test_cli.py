@@ -4,10 +4,11 @@ no traceback and nothing left behind (issue 2 Done-when)."""
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 
 import pytest
-from conftest import assert_user_error, run_cli
+from conftest import REPO, assert_user_error, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,28 @@ def test_export_generate_validate_inspect_roundtrip(tmp_path):
     assert run_cli("validate", str(out)).returncode == 0
     shown = run_cli("inspect", str(out))
     assert shown.returncode == 0 and "8 slots" in shown.stdout
+
+
+def readme_quickstart_commands() -> list[list[str]]:
+    """The `doge-export` commands of README.md's quick start, as argument lists."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("## Quick start", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    segments = (seg.strip() for line in block.replace("\\\n", " ").splitlines() for seg in line.split("&&"))
+    return [shlex.split(seg)[1:] for seg in segments if seg.startswith(".venv/bin/doge-export ")]
+
+
+def test_readme_quickstart_runs_and_passes_its_own_validation(tmp_path):
+    """The README's first command, as written (default seed, validation on): a newcomer's first
+    export must not fail validation on the machine they run it on."""
+    commands = readme_quickstart_commands()
+    assert [c[0] for c in commands] == ["onnx", "generate"], commands
+    for command in commands:
+        args = [str(tmp_path / a) if a.startswith("out/") else a for a in command]
+        result = run_cli(*args)
+        assert result.returncode == 0, result.stderr[-2000:]
+    manifest = json.loads((tmp_path / "out" / "doge-20m" / "doge_export.json").read_text())
+    assert manifest["validation"]["onnxruntime"]["passed"] is True
+    assert len(result.stdout.split()) == 32  # generate printed 32 token ids
 
 
 def test_generate_backends_agree_on_doge_20m(artifacts):
