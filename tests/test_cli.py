@@ -174,3 +174,25 @@ def test_malformed_input_ids(small):
 
 def test_missing_artifact(tmp_path):
     assert_user_error(run_cli("generate", str(tmp_path / "none"), "--input-ids", "1"), "does not exist")
+
+
+def test_help_shows_every_bracketed_default():
+    """A help text's `[default]` must reach the screen (rich markup swallows an unescaped `[word]`)."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from doge_export.cli import app
+
+    source = (REPO / "doge_export" / "cli.py").read_text()
+    defaults = [h[h.index("["):].replace("\\\\[", "[") for _, h in re.findall(r'help=(["\'])(.*?)\1', source)
+                if "[" in h and "[[" not in h]
+    assert len(defaults) >= 6, defaults
+    shown = ""
+    for command in ("onnx", "generate", "validate", "inspect", "bench", "trt", "lint"):
+        result = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "400"})
+        assert result.exit_code == 0, result.output
+        shown += result.output
+    flat = " ".join(shown.split())
+    missing = [d for d in defaults if " ".join(d.split()) not in flat]
+    assert not missing, missing
