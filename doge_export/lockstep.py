@@ -21,25 +21,26 @@ from .generate import left_pad, prompt_positions
 # ONNX Runtime and PyTorch (measured on Doge-20M, 8 layers), more than an ulp of the value itself.
 NEAR_TIE = 1e-5
 
-# Tie-log entries are (kind, exact, gap), one per call: kind "window" (keep-window boundary: kept
-# vs dropped biases) or "route" (CDMoE: selected vs rejected expert scores); exact: some row has
-# equal values across the boundary (decided by the documented rule); gap: the smallest relative
-# difference between a kept and a dropped value that are NOT equal (inf when there is none).
+# Tie-log entries are (kind, exact, gap, rows), one per call and layer: kind "window" (keep-window
+# boundary: kept vs dropped biases) or "route" (CDMoE: selected vs rejected expert scores); exact:
+# some row has equal values across the boundary (decided by the documented rule); gap: the
+# smallest relative difference between a kept and a dropped value that are NOT equal (inf when
+# there is none); rows: the (batch row, token index) pairs whose decision rounding may flip.
 
 
 def exact_ties(log: list, kind: str = "window") -> int:
-    return sum(1 for k, exact, _ in log if k == kind and exact)
+    return sum(1 for k, exact, *_ in log if k == kind and exact)
 
 
 def near_ties(log: list, kind: str | None = None) -> int:
     """Calls where a kept and a dropped value differ, but by less than the fp32 noise between runtimes."""
-    return sum(1 for k, _, gap in log if (kind is None or k == kind) and gap <= NEAR_TIE)
+    return sum(1 for k, _, gap, *_ in log if (kind is None or k == kind) and gap <= NEAR_TIE)
 
 
 def has_near_tie(entries: list) -> bool:
     """A decision that rounding may flip: a near tie, or an exact routing tie (transformers' topk
     order among equal expert scores is unspecified). Exact keep-window ties are decided by the rule."""
-    return any(gap <= NEAR_TIE or (k == "route" and exact) for k, exact, gap in entries)
+    return any(gap <= NEAR_TIE or (k == "route" and exact) for k, exact, gap, *_ in entries)
 
 
 @dataclass

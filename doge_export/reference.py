@@ -23,20 +23,29 @@ import torch
 from .lockstep import NEAR_TIE, exact_ties, has_near_tie, near_ties  # noqa: F401 (the log's readers)
 
 
-def boundary_gaps(values: torch.Tensor, k: int, floor: float) -> tuple[bool, float]:
-    """values sorted descending [..., n] with the first k kept; rows whose values are all <= floor
-    (masked) are ignored. -> (an exact tie across the boundary, smallest relative nonzero gap)."""
+def row_gaps(values: torch.Tensor, k: int, floor: float):
+    """values sorted descending [..., n] with the first k kept -> per row (real, tie, rel): real
+    rows have a dropped value above `floor` (not masked); tie: equal values across the boundary;
+    rel: the smallest relative nonzero gap between a kept and a dropped value."""
     edge_in, edge_out = values[..., k - 1], values[..., k]
-    real = edge_out > floor
-    if not bool(real.any()):
-        return False, float("inf")
     tie = edge_in == edge_out
     kept, dropped = values[..., :k], values[..., k:]
     above = torch.where(kept > edge_out[..., None], kept, torch.inf).amin(-1)  # smallest kept above the tie
     below = torch.where(dropped < edge_in[..., None], dropped, -torch.inf).amax(-1)  # largest dropped below
     gap = torch.where(tie, torch.minimum(above - edge_out, edge_in - below), edge_in - edge_out)
-    rel = gap / edge_in.abs().clamp_min(torch.finfo(values.dtype).tiny)
-    return bool((tie & real).any()), float(rel[real].min())
+    return edge_out > floor, tie, gap / edge_in.abs().clamp_min(torch.finfo(values.dtype).tiny)
+
+
+def tie_entry(kind: str, values: torch.Tensor, k: int, floor: float, tokens: int) -> tuple:
+    """A tie-log entry (kind, exact, gap, rows): rows are the (batch row, token index) pairs whose
+    decision rounding may flip (gap <= NEAR_TIE; for routing also an exact tie, whose order
+    transformers leaves unspecified). values [B, ..., tokens, n]: the token index is the row's
+    last leading dim."""
+    real, tie, rel = row_gaps(values, k, floor)
+    flip = real & ((rel <= NEAR_TIE) | (tie & (kind == "route")))
+    flat = flip.reshape(values.shape[0], -1, tokens).any(1).nonzero().tolist()  # [[b, t], ...]
+    exact, gap = (bool((tie & real).any()), float(rel[real].min())) if bool(real.any()) else (False, float("inf"))
+    return kind, exact, gap, tuple(map(tuple, flat))
 
 
 def _stable_prepare_dynamic_mask(self, hidden_states, dt_states, keep_window_size=2048, attention_mask=None):
@@ -55,17 +64,18 @@ def _stable_prepare_dynamic_mask(self, hidden_states, dt_states, keep_window_siz
     if attn_mask.shape[-1] > keep_window_size:
         values, order = torch.sort(attn_mask, dim=-1, descending=True, stable=True)
         log = getattr(self, "_tie_log", None)
-        if log is not None:
-            log.append(("window", *boundary_gaps(values, keep_window_size, min_dtype)))
+        if log is not None:  # values [B, G, queries, keys]
+            log.append(tie_entry("window", values, keep_window_size, min_dtype, values.shape[-2]))
         active = torch.zeros_like(attn_mask).scatter(-1, order[..., :keep_window_size], 1.0)
         attn_mask = attn_mask.masked_fill(active == 0.0, min_dtype)
     return attn_mask
 
 
 def make_topk_stable(model, tie_log: list | None = None) -> None:
-    """Patch every DogeAttention of `model` in place. `tie_log` collects, per call with a window,
-    the smallest relative gap between the last kept and the first dropped bias (0.0: an exact
-    tie, decided by the rule; <= NEAR_TIE: closer than two fp32 runtimes can agree on)."""
+    """Patch every DogeAttention of `model` in place. `tie_log` collects, per call with a window
+    (and per CDMoE routing), tie_entry's (kind, exact, gap, rows): the smallest relative gap
+    between the last kept and the first dropped bias (0.0: an exact tie, decided by the rule;
+    <= NEAR_TIE: closer than two fp32 runtimes can agree on), and the tokens where it was that close."""
     from .wrappers import token_bias_table
 
     attention = [m for m in model.modules() if hasattr(m, "prepare_dynamic_mask") and hasattr(m, "keep_window_size")]
@@ -86,8 +96,8 @@ def _routing_gap_hook(moe, log: list):
         B, S, _ = inputs[0].shape
         (scores_x, scores_y), _ = output.view(2, B * S, -1).topk(moe.num_keys, dim=-1)
         scores = (scores_x.unsqueeze(-1) + scores_y.unsqueeze(-2)).view(B * S, -1)
-        ordered = scores.sort(dim=-1, descending=True).values
-        log.append(("route", *boundary_gaps(ordered, moe.top_k, -torch.inf)))
+        ordered = scores.sort(dim=-1, descending=True).values.view(B, S, -1)
+        log.append(tie_entry("route", ordered, moe.top_k, -torch.inf, S))
 
     return hook
 
