@@ -109,3 +109,19 @@ def test_flipped_tokens_map_token_indices_to_positions():
     positions = np.array([[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]])  # row 0 left-padded by 2
     entries = [("window", False, 0.5, ()), ("route", False, 1e-6, ((0, 4), (1, 2))), ("route", True, 0.0)]
     assert flipped_tokens(entries, positions) == {(0, 2), (1, 2)}
+
+
+def test_tie_entry_names_the_tokens_a_rounding_level_tie_may_flip():
+    import torch
+
+    from doge_export.reference import tie_entry
+
+    # routing scores [B=2, S=3, n=3] sorted descending, top-1 kept
+    scores = torch.tensor([[[3.0, 1.0, 0.0], [2.0, 2.0 - 1e-6, 0.0], [5.0, 4.0, 0.0]],
+                           [[1.0, 1.0, 0.0], [4.0, 1.0, 0.0], [3.0, 2.0, 1.0]]])
+    kind, exact, gap, rows = tie_entry("route", scores, 1, -torch.inf, 3)
+    assert (kind, exact) == ("route", True) and rows == ((0, 1), (1, 0))  # a near tie and an exact one
+    assert 0 < gap <= 1e-6
+    # keep-window biases [B=1, G=2, queries=2, keys=3]: an exact tie is the rule's, a near one may flip
+    window = torch.tensor([[[[3.0, 3.0, 1.0], [2.0, 1.0, 0.5]], [[4.0, 2.0, 1.0], [1.0, 1.0 - 1e-7, 0.0]]]])
+    assert tie_entry("window", window, 1, -1e30, 2)[3] == ((0, 1),)
