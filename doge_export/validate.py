@@ -58,6 +58,9 @@ class ValidateConfig:
     greedy_steps: int = 32
     atol: float | None = None  # None: the artifact dtype's tolerance (precision.TOLERANCES)
     rtol: float | None = None  # logits: atol + rtol x max|reference logits|; None: the dtype's
+    # half precision: per case (in order), what the reference itself moves when run in the dtype
+    # instead of fp32 (case_spreads); a case's logit tolerance is never below it
+    spreads: tuple[float, ...] = ()
     seed: int = 0
 
 
@@ -82,7 +85,7 @@ def random_prompts(lengths, vocab: int, seed: int) -> list[list[int]]:
 
 
 def compare_case(runner: Runner, reference: Runner, prompts, cfg: ValidateConfig, name: str,
-                 tie_log: list | None = None) -> CaseResult:
+                 tie_log: list | None = None, spread: float = 0.0) -> CaseResult:
     result = CaseResult(name, [len(p) for p in prompts])
     ids, mask = left_pad(prompts, runner.info.pad_token_id or 0)
     pos = prompt_positions(mask)
@@ -93,7 +96,7 @@ def compare_case(runner: Runner, reference: Runner, prompts, cfg: ValidateConfig
     steps = min(max(cfg.decode_steps, cfg.greedy_steps), runner.info.max_context - ids.shape[1])
     run = lockstep(runner, reference, prompts, steps, tie_log)
     result.reference_finite = run.reference_finite
-    tol = cfg.atol + (cfg.rtol or 0.0) * run.reference_scale
+    tol = max(cfg.atol + (cfg.rtol or 0.0) * run.reference_scale, spread)
     call = first_mismatch(run, tol)
     result.tie_reason = tie_excuse(run, call, tol)
     end = call if result.tie_reason else len(run.diffs)
@@ -183,7 +186,8 @@ def validate_runner(runner: Runner, reference: Runner, cfg: ValidateConfig = Val
     for n, lengths in enumerate(cases):
         name = f"batch {len(lengths)}, prompt {'/'.join(map(str, lengths))}"
         prompts = random_prompts(lengths, runner.info.vocab_size, cfg.seed + n)
-        result = compare_case(runner, reference, prompts, cfg, name, tie_log)
+        spread = cfg.spreads[n] if n < len(cfg.spreads) else 0.0
+        result = compare_case(runner, reference, prompts, cfg, name, tie_log, spread)
         for c in result.checks:
             log(f"  [{'ok' if c.ok else 'x'}] {name}: {c.output} max|diff| {c.max_abs_diff:.2e} (tol {c.tol:.3g})")
         log(f"  [{'ok' if result.greedy_identical else 'x'}] {name}: greedy "
@@ -233,21 +237,28 @@ def failures(report: dict) -> list[str]:
     return out
 
 
-def dtype_spread(reference: Runner, fp32_reference: Runner, cfg: ValidateConfig = ValidateConfig()) -> dict:
-    """How far the reference itself moves when run in the artifact's dtype instead of fp32.
-
-    Same weights (the half model upcast), same cases, prefill and teacher-forced steps: the noise
-    floor against which a half-precision tolerance is judged.
-    """
-    info, worst = reference.info, 0.0
+def case_spreads(reference: Runner, fp32_reference: Runner, cfg: ValidateConfig = ValidateConfig()) -> tuple[float, ...]:
+    """Per validation case: how far the reference itself moves when run in the artifact's dtype
+    instead of fp32 (max |logit diff|, prefill and the steps validation compares, on the half
+    reference's greedy tokens). Same weights (the half model upcast): the noise floor a
+    half-precision graph is judged against. At a 2048-token prompt bf16 Doge-20M moved 2.26,
+    more than the fixed tolerance (1.0), and the graph was 1.26 from transformers in bf16."""
+    info, spreads = reference.info, []
     for n, lengths in enumerate(cfg.prompt_lengths or default_cases(info)):
         ids, mask = left_pad(random_prompts(lengths, info.vocab_size, cfg.seed + n), info.pad_token_id or 0)
         positions = prompt_positions(mask)
         got, want = reference.prefill(ids, mask, positions), fp32_reference.prefill(ids, mask, positions)
-        worst = max(worst, float(np.abs(got - want).max()))
+        worst = float(np.abs(got - want).max())
         positions = positions[:, -1:]
-        for _ in range(min(cfg.decode_steps, info.max_context - ids.shape[1])):
+        for _ in range(min(max(cfg.decode_steps, cfg.greedy_steps), info.max_context - ids.shape[1])):
             tokens, positions = got.argmax(-1)[:, None], positions + 1
             got, want = reference.step(tokens, positions), fp32_reference.step(tokens, positions)
             worst = max(worst, float(np.abs(got - want).max()))
-    return {"max_abs_logits": worst, "what": f"transformers in {info.dtype} vs the same weights in float32"}
+        spreads.append(worst)
+    return tuple(spreads)
+
+
+def dtype_spread(spreads: tuple[float, ...], dtype: str) -> dict:
+    """The report's reference_spread: the largest of case_spreads."""
+    return {"max_abs_logits": max(spreads, default=0.0), "per_case": list(spreads),
+            "what": f"transformers in {dtype} vs the same weights in float32"}

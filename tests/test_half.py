@@ -118,6 +118,10 @@ def test_export_validates_bf16_and_records_the_precision(tmp_path):
     assert record["tolerance"]["max_abs_logits"] == 1.0 and "bf16 itself costs" in record["tolerance"]["why"]
     report = data["validation"]["onnx-reference"]
     assert report["passed"] and report["dtype"] == "bfloat16" and report["reference_spread"]["max_abs_logits"] > 0
+    spreads = report["reference_spread"]["per_case"]  # each case's tolerance: never below its own spread
+    assert len(spreads) == len(report["cases"]) and max(spreads) == report["reference_spread"]["max_abs_logits"]
+    for case, spread in zip(report["cases"], spreads):
+        assert [c["tol"] for c in case["checks"] if c["output"] == "prefill.logits"] == [max(1.0, spread)]
     step = onnx.load(str(out / "step.onnx"), load_external_data=False)
     types = {v.name: v.type.tensor_type.elem_type for v in list(step.graph.input) + list(step.graph.output)}
     assert types["key.0"] == types["bias.0"] == types["logits"] == onnx.TensorProto.BFLOAT16

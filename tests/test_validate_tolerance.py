@@ -125,3 +125,13 @@ def test_tie_entry_names_the_tokens_a_rounding_level_tie_may_flip():
     # keep-window biases [B=1, G=2, queries=2, keys=3]: an exact tie is the rule's, a near one may flip
     window = torch.tensor([[[[3.0, 3.0, 1.0], [2.0, 1.0, 0.5]], [[4.0, 2.0, 1.0], [1.0, 1.0 - 1e-7, 0.0]]]])
     assert tie_entry("window", window, 1, -1e30, 2)[3] == ((0, 1),)
+
+
+def test_a_half_precision_case_is_never_held_tighter_than_what_the_dtype_costs_there():
+    """bf16 Doge-20M at 2048 tokens: the graph 1.26 from transformers in bf16, which itself moved
+    2.26 from fp32; the fixed bf16 tolerance is 1.0."""
+    cfg = ValidateConfig(decode_steps=4, greedy_steps=4, atol=1.0, rtol=0.0)
+    runner, reference = FakeRunner(15.0, 1.26), FakeRunner(15.0)
+    assert not compare_case(runner, reference, [[5, 6, 7]], cfg, "fake").ok
+    assert compare_case(runner, reference, [[5, 6, 7]], cfg, "fake", spread=2.26).ok
+    assert not compare_case(runner, reference, [[5, 6, 7]], cfg, "fake", spread=1.2).ok
