@@ -187,6 +187,7 @@ def validate_runner(runner: Runner, reference: Runner, cfg: ValidateConfig = Val
         name = f"batch {len(lengths)}, prompt {'/'.join(map(str, lengths))}"
         prompts = random_prompts(lengths, runner.info.vocab_size, cfg.seed + n)
         spread = cfg.spreads[n] if n < len(cfg.spreads) else 0.0
+        log(f"  case {n + 1}/{len(cases)}: {name} ...")  # a long case on a slow executor takes minutes
         result = compare_case(runner, reference, prompts, cfg, name, tie_log, spread)
         for c in result.checks:
             log(f"  [{'ok' if c.ok else 'x'}] {name}: {c.output} max|diff| {c.max_abs_diff:.2e} (tol {c.tol:.3g})")
