@@ -84,6 +84,13 @@ def random_prompts(lengths, vocab: int, seed: int) -> list[list[int]]:
     return [rng.integers(3, vocab, n).tolist() for n in lengths]
 
 
+def case_prompts(info: ModelInfo, cfg: ValidateConfig, batch: int | None = None) -> list[tuple[str, list]]:
+    """The validation cases as (name, prompts): cfg.prompt_lengths or default_cases, seeded per case."""
+    cases = cfg.prompt_lengths or default_cases(info, batch)
+    return [(f"batch {len(lengths)}, prompt {'/'.join(map(str, lengths))}",
+             random_prompts(lengths, info.vocab_size, cfg.seed + n)) for n, lengths in enumerate(cases)]
+
+
 def compare_case(runner: Runner, reference: Runner, prompts, cfg: ValidateConfig, name: str,
                  tie_log: list | None = None, spread: float = 0.0) -> CaseResult:
     result = CaseResult(name, [len(p) for p in prompts])
@@ -116,8 +123,7 @@ def compare_case(runner: Runner, reference: Runner, prompts, cfg: ValidateConfig
 def flipped_tokens(entries: list, positions: np.ndarray) -> frozenset:
     """(batch row, position id) of every token whose routing a prefill's tie-log entries mark as
     one rounding may flip (lockstep.py's log format; keep-window entries are per query row too)."""
-    return frozenset((b, int(positions[b, t])) for kind, *_, rows in (e for e in entries if len(e) > 3)
-                     for b, t in rows)
+    return frozenset((b, int(positions[b, t])) for *_, rows in entries for b, t in rows)
 
 
 def state_checks(runner: Runner, reference: Runner, ids, mask, atol: float, rtol: float = 0.0,
@@ -181,11 +187,9 @@ def validate_runner(runner: Runner, reference: Runner, cfg: ValidateConfig = Val
         cfg = replace(cfg, atol=tolerance(runner.info.dtype))
         if cfg.rtol is None:
             cfg = replace(cfg, rtol=relative_tolerance(runner.info.dtype))
-    cases = cfg.prompt_lengths or default_cases(runner.info, getattr(runner, "fixed_batch", None))
+    cases = case_prompts(runner.info, cfg, getattr(runner, "fixed_batch", None))
     results = []
-    for n, lengths in enumerate(cases):
-        name = f"batch {len(lengths)}, prompt {'/'.join(map(str, lengths))}"
-        prompts = random_prompts(lengths, runner.info.vocab_size, cfg.seed + n)
+    for n, (name, prompts) in enumerate(cases):
         spread = cfg.spreads[n] if n < len(cfg.spreads) else 0.0
         log(f"  case {n + 1}/{len(cases)}: {name} ...")  # a long case on a slow executor takes minutes
         result = compare_case(runner, reference, prompts, cfg, name, tie_log, spread)
@@ -245,8 +249,8 @@ def case_spreads(reference: Runner, fp32_reference: Runner, cfg: ValidateConfig 
     half-precision graph is judged against. At a 2048-token prompt bf16 Doge-20M moved 2.26,
     more than the fixed tolerance (1.0), and the graph was 1.26 from transformers in bf16."""
     info, spreads = reference.info, []
-    for n, lengths in enumerate(cfg.prompt_lengths or default_cases(info)):
-        ids, mask = left_pad(random_prompts(lengths, info.vocab_size, cfg.seed + n), info.pad_token_id or 0)
+    for _, prompts in case_prompts(info, cfg):
+        ids, mask = left_pad(prompts, info.pad_token_id or 0)
         positions = prompt_positions(mask)
         got, want = reference.prefill(ids, mask, positions), fp32_reference.prefill(ids, mask, positions)
         worst = float(np.abs(got - want).max())

@@ -107,7 +107,7 @@ def test_tokens_past_a_rounding_level_tie_are_left_out_of_the_state_check():
 
 def test_flipped_tokens_map_token_indices_to_positions():
     positions = np.array([[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]])  # row 0 left-padded by 2
-    entries = [("window", False, 0.5, ()), ("route", False, 1e-6, ((0, 4), (1, 2))), ("route", True, 0.0)]
+    entries = [("window", False, 0.5, ()), ("route", False, 1e-6, ((0, 4), (1, 2))), ("route", True, 0.0, ())]
     assert flipped_tokens(entries, positions) == {(0, 2), (1, 2)}
 
 
