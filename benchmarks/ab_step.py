@@ -2,6 +2,9 @@
 
 usage: python benchmarks/ab_step.py ART_A ART_B [...] [--batch 1] [--threads 1] [--rounds 3]
 
+An artifact written ART@rows or ART@columns runs with that layout of the tied lm_head matrix
+(OrtRunner's lm_layout; plain ART: the runner's choice for the batch size).
+
 Each artifact gets its own ONNX Runtime runner, prefilled with the same random prompt; the runners
 then take turns, 32 greedy steps each (the first 4 of every turn dropped: the turn before left
 the caches full of another artifact's weights), until every runner has decoded `--new-tokens`.
@@ -40,6 +43,11 @@ def decode_in_turns(runners, batch: int, prompt_len: int, new_tokens: int, round
     return kept
 
 
+def open_runner(spec: str, threads: int, batch: int) -> OrtRunner:
+    path, _, layout = spec.partition("@")
+    return OrtRunner(load_manifest(path), threads=threads, batch=batch, lm_layout=layout or "auto")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("artifacts", nargs="+")
@@ -49,7 +57,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    runners = [OrtRunner(load_manifest(a), threads=args.threads, batch=args.batch) for a in args.artifacts]
+    runners = [open_runner(a, args.threads, args.batch) for a in args.artifacts]
     start = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     kept = decode_in_turns(runners, args.batch, args.prompt_len, args.new_tokens, args.rounds)
     base = np.median(kept[0])

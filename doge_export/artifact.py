@@ -15,6 +15,7 @@ from pathlib import Path
 from . import __version__, spec
 from .errors import DogeExportError
 from .export_onnx import ExportConfig, export_graphs, model_info
+from .lm_rows import write_rows_graphs
 from .legacy.state import eviction_rule, generation_manifest, state_info
 from .manifest import CONVENTIONS, EVICTION_RULE, MANIFEST_NAME, SCHEMA, SCHEMA_VERSION, Manifest, file_entries
 from .model import LoadedModel
@@ -91,6 +92,7 @@ def build_manifest(loaded: LoadedModel, info: spec.ModelInfo, result: dict, toke
                    "outputs": spec.spec_to_json(io["outputs"])}
             for name, io in spec.graph_specs(info).items()
         },
+        "lm_rows": result.get("lm_rows"),  # the same graphs reading the tied matrix as [vocab, hidden]
         "weights": result["weights"],
         "state": {"fields": list(spec.STATE_FIELDS), "step_rows": list(spec.ROW_FIELDS),
                   "capacity": info.capacity, "empty_position": spec.EMPTY_POSITION,
@@ -123,9 +125,12 @@ def export_artifact(loaded: LoadedModel, out_dir: Path, export: ExportConfig, *,
     try:
         tmp.mkdir(parents=True)
         result = export_graphs(loaded.model, info, export, tmp, log)
+        # quantized artifacts have no fp32 tied matrix to lay out in rows
+        rows = result["lm_rows"] = None if export.quantize else write_rows_graphs(tmp, result["weights"])
         tokenizer = copy_tokenizer(loaded.checkpoint_dir, tokenizer_dir, tmp, info.vocab_size)
         manifest = Manifest(tmp, build_manifest(loaded, info, result, tokenizer, seed))
         files = ["prefill.onnx", "step.onnx", result["weights"]["file"]] + (tokenizer or {}).get("files", [])
+        files += list(rows["graphs"].values()) if rows else []
         manifest.data["files"] = file_entries(tmp, files)
         manifest.save()
         if validate is not None:

@@ -32,6 +32,9 @@ def run_export(model: str, out: Path, *, seed: int, overrides: list[str], max_co
         f"max prompt {info.max_prompt}, max context {info.max_context}")
 
 
+ROWS_BACKEND = "onnxruntime-rows"  # the validation entry of the rows-layout graphs (manifest "lm_rows")
+
+
 def validate_manifest(manifest, model, log) -> dict:
     """Validate the graphs of `manifest` against `model` (in the artifact's dtype); raises on any failure.
 
@@ -58,12 +61,22 @@ def validate_manifest(manifest, model, log) -> dict:
             + ", ".join(f"{s:.2e}" for s in cfg.spreads) + " (per case)")
     log(f"validating {dtype} graphs ({backend}) against transformers in {dtype} (stable keep-window top-k) ...")
     with open_runner(manifest, backend) as runner:
-        report = validate_runner(runner, reference, cfg, log=log, tie_log=ties)
+        reports = {backend: validate_runner(runner, reference, cfg, log=log, tie_log=ties)}
     if dtype != "float32":
-        report["reference_spread"] = dtype_spread(cfg.spreads, dtype)
-    if not report["passed"]:
-        raise DogeExportError("validation failed, nothing was written:\n  " + "\n  ".join(failures(report)))
-    return {backend: report}
+        reports[backend]["reference_spread"] = dtype_spread(cfg.spreads, dtype)
+    if manifest.data.get("lm_rows"):  # the rows-layout graphs are graphs too: checked the same way
+        from .backends.ort import OrtRunner
+
+        log("validating the rows-layout graphs (onnxruntime, lm_weight [vocab, hidden]) ...")
+        ties.clear()
+        reference = TorchRunner(model, manifest.info, stable_topk=True, tie_log=ties)
+        with OrtRunner(manifest, lm_layout="rows") as runner:
+            reports[ROWS_BACKEND] = validate_runner(runner, reference, cfg, log=log, tie_log=ties)
+    bad = [("rows-layout graphs: " if name == ROWS_BACKEND else "") + line
+           for name, report in reports.items() for line in failures(report)]
+    if bad:
+        raise DogeExportError("validation failed, nothing was written:\n  " + "\n  ".join(bad))
+    return reports
 
 
 def refuse_quantized_parity(manifest) -> None:

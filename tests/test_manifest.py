@@ -18,7 +18,7 @@ def test_manifest_describes_everything_a_runtime_needs(artifacts):
     d = manifest.data
     assert d["schema"] == "doge-export/artifact" and d["schema_version"] == 1
     assert d["source"]["generation"] == "native" and d["config"]["is_moe"] is True
-    assert set(d["files"]) == {"prefill.onnx", "step.onnx", "weights.bin"}
+    assert set(d["files"]) == {"prefill.onnx", "step.onnx", "weights.bin", "prefill.rows.onnx", "step.rows.onnx"}
     assert all(len(e["sha256"]) == 64 and e["bytes"] > 0 for e in d["files"].values())
     assert d["state"]["capacity"] == manifest.info.capacity == 16
     assert "latest position" in d["state"]["eviction_rule"]
@@ -62,9 +62,11 @@ def test_validation_results_are_recorded(tmp_path):
     run_export("random:tiny", tmp_path / "v", seed=0, overrides=[], max_context=None, max_prompt=None,
                full_logits=False, exporter="torchscript", tokenizer=None, allow_pickle=False, force=False,
                validate=True, log=lambda *a: None)
-    report = json.loads((tmp_path / "v" / MANIFEST_NAME).read_text())["validation"]["onnxruntime"]
-    assert report["passed"] and len(report["cases"]) == 3
-    assert all(c["max_abs_diff"] <= 1e-4 for case in report["cases"] for c in case["checks"])
+    validation = json.loads((tmp_path / "v" / MANIFEST_NAME).read_text())["validation"]
+    assert set(validation) == {"onnxruntime", "onnxruntime-rows"}  # the rows-layout graphs too
+    for report in validation.values():
+        assert report["passed"] and len(report["cases"]) == 3
+        assert all(c["max_abs_diff"] <= 1e-4 for case in report["cases"] for c in case["checks"])
 
 
 def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
