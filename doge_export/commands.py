@@ -46,8 +46,7 @@ def validate_manifest(manifest, model, log) -> dict:
     import copy
 
     from .backends.torch import TorchRunner
-    from .runtime import open_runner
-    from .validate import ValidateConfig, case_spreads, dtype_spread, failures, validate_runner
+    from .validate import ValidateConfig, case_spreads, dtype_spread
 
     dtype = manifest.info.dtype
     backend = "onnxruntime" if dtype == "float32" else "onnx-reference"
@@ -60,23 +59,35 @@ def validate_manifest(manifest, model, log) -> dict:
         log(f"  transformers {dtype} vs float32 on the same weights: max|diff| "
             + ", ".join(f"{s:.2e}" for s in cfg.spreads) + " (per case)")
     log(f"validating {dtype} graphs ({backend}) against transformers in {dtype} (stable keep-window top-k) ...")
-    with open_runner(manifest, backend) as runner:
-        reports = {backend: validate_runner(runner, reference, cfg, log=log, tie_log=ties)}
+    reports = validate_graphs(manifest, backend, reference, cfg, ties, log)
     if dtype != "float32":
         reports[backend]["reference_spread"] = dtype_spread(cfg.spreads, dtype)
-    if manifest.data.get("lm_rows"):  # the rows-layout graphs are graphs too: checked the same way
-        from .backends.ort import OrtRunner
-
-        log("validating the rows-layout graphs (onnxruntime, lm_weight [vocab, hidden]) ...")
-        ties.clear()
-        reference = TorchRunner(model, manifest.info, stable_topk=True, tie_log=ties)
-        with OrtRunner(manifest, lm_layout="rows") as runner:
-            reports[ROWS_BACKEND] = validate_runner(runner, reference, cfg, log=log, tie_log=ties)
-    bad = [("rows-layout graphs: " if name == ROWS_BACKEND else "") + line
-           for name, report in reports.items() for line in failures(report)]
-    if bad:
+    if bad := all_failures(reports):
         raise DogeExportError("validation failed, nothing was written:\n  " + "\n  ".join(bad))
     return reports
+
+
+def validate_graphs(manifest, backend: str, reference, cfg, ties: list, log) -> dict:
+    """{backend: report}; for onnxruntime, also the rows-layout graphs (manifest lm_rows), if any,
+    under ROWS_BACKEND: they are graphs too, checked the same way."""
+    from .backends.ort import OrtRunner
+    from .validate import validate_runner
+
+    with open_runner(manifest, backend) as runner:
+        reports = {backend: validate_runner(runner, reference, cfg, log=log, tie_log=ties)}
+    if backend == "onnxruntime" and manifest.data.get("lm_rows"):
+        log("validating the rows-layout graphs (onnxruntime, lm_weight [vocab, hidden]) ...")
+        ties.clear()  # the reference's tie log, per run
+        with OrtRunner(manifest, lm_layout="rows") as runner:
+            reports[ROWS_BACKEND] = validate_runner(runner, reference, cfg, log=log, tie_log=ties)
+    return reports
+
+
+def all_failures(reports: dict) -> list[str]:
+    from .validate import failures
+
+    return [("rows-layout graphs: " if name == ROWS_BACKEND else "") + line
+            for name, report in reports.items() for line in failures(report)]
 
 
 def refuse_quantized_parity(manifest) -> None:
@@ -93,21 +104,21 @@ def refuse_quantized_parity(manifest) -> None:
 
 def run_validate(artifact: Path, *, backend: str, model, decode_steps: int, greedy_steps: int,
                  atol: float, as_json: bool, log) -> None:
-    from .validate import ValidateConfig, failures, validate_runner
+    from .validate import ValidateConfig
 
     manifest = load_manifest(artifact)
     refuse_quantized_parity(manifest)
     cfg = ValidateConfig(decode_steps=decode_steps, greedy_steps=greedy_steps, atol=atol)
     ties = []
-    with open_runner(manifest, backend) as runner:
-        report = validate_runner(runner, torch_reference(manifest, model, tie_log=ties), cfg, log=log, tie_log=ties)
-    manifest.data["validation"] = {**(manifest.data.get("validation") or {}), backend: report}
+    reports = validate_graphs(manifest, backend, torch_reference(manifest, model, tie_log=ties), cfg, ties, log)
+    manifest.data["validation"] = {**(manifest.data.get("validation") or {}), **reports}
     manifest.save()
     if as_json:
-        print(json.dumps(report, indent=2))
-    if not report["passed"]:
-        raise DogeExportError("validation failed:\n  " + "\n  ".join(failures(report)))
-    log(f"validation passed ({backend} vs transformers)")
+        shown = {**reports[backend], "passed": not all_failures(reports)}  # "passed": every graph checked
+        print(json.dumps(shown | ({"rows_layout": reports[ROWS_BACKEND]} if ROWS_BACKEND in reports else {}), indent=2))
+    if bad := all_failures(reports):
+        raise DogeExportError("validation failed:\n  " + "\n  ".join(bad))
+    log(f"validation passed ({' and '.join(reports)} vs transformers)")
 
 
 def generation_config(manifest, *, greedy, temperature, top_k, top_p, repetition_penalty,

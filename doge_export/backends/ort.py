@@ -19,7 +19,9 @@ Imports neither torch nor transformers (a deployment box needs numpy + onnxrunti
   weights (a packed copy per session: +52 MB RSS for Doge-20M) only in a step session built for
   batch > 1: a one-row step streams the weights unpacked (MLAS's M=1 kernels), but with M > 1 MLAS
   packs every weight matrix on every call (Doge-20M batch 8: 25.5 ms per step unpacked, 14.9 ms
-  prepacked, measured side by side).
+  prepacked, measured side by side). From the artifact's lm_rows.min_batch (8) on, the sessions
+  run the rows-layout graphs (ort_rows.py): the tied lm_head matrix, the largest, is then held
+  once, transposed, and never prepacked.
 """
 
 from __future__ import annotations
