@@ -112,7 +112,8 @@ def _open(backend: str, manifest, threads: int | None, batch: int, spin: bool = 
             runner = open_runner(manifest, backend)
         return runner, {"weight_bytes": manifest.data["weights"]["bytes"],
                         "weight_bytes_per_token": step_weight_bytes(manifest),
-                        "attends_filled": bool(getattr(runner, "attend_filled", False))}
+                        "attends_filled": bool(getattr(runner, "attend_filled", False)),
+                        "lm_rows": bool(getattr(runner, "lm_rows", False))}  # the rows-layout graphs ran
     import torch
 
     if threads:

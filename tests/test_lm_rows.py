@@ -105,3 +105,18 @@ def test_weights_left_out_are_never_read(artifacts):
     assert set(every) - set(values) == {COLUMNS}
     for name, value in values.items():
         np.testing.assert_array_equal(value.numpy(), every[name].numpy(), err_msg=name)
+
+
+def test_an_artifact_from_before_the_rows_graphs_runs_the_default_graphs(artifacts):
+    import copy
+
+    from doge_export.manifest import Manifest
+
+    manifest = artifacts("tiny", seed=1)[0]
+    data = copy.deepcopy(manifest.data)
+    del data["lm_rows"]  # exported before 2026-12-02
+    old = Manifest(manifest.folder, data)
+    ids = np.random.default_rng(0).integers(3, old.info.vocab_size, (8, 4))
+    with OrtRunner(old, batch=8) as runner:
+        _decode(runner, ids, np.ones_like(ids), steps=2)
+        assert not runner.lm_rows
