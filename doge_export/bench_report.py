@@ -185,7 +185,8 @@ def build_report(manifest, cfg, machine: dict, bandwidth: list[float], infos: di
                  "load_seconds": worker["load_seconds"], "peak_rss_mb": peak,
                  "runtime_rss_mb": peak - worker["baseline_rss_mb"],
                  "baseline_rss_mb": worker["baseline_rss_mb"], "library_init_rss_mb": worker["library_rss_mb"],
-                 "imports_torch": worker["imports_torch"]}
+                 "imports_torch": worker["imports_torch"],
+                 **({"lm_rows": worker["lm_rows"]} if "lm_rows" in worker else {})}  # onnxruntime: rows graphs ran
         add_floor(entry, backend, info, cfg, worker, used_bw)
         entry["rss_budget_ratio"] = entry["runtime_rss_mb"] * MB / entry["resident_target_bytes"]
         backends[backend] = entry

@@ -55,6 +55,7 @@ def test_bench_runs_and_json_has_the_fields(tiny, tmp_path):
         assert all(entry["latency_ms"][q] > 0 for q in LATENCY)
         assert len(entry["latency_by_step_ms"]) == 5
     assert backends["onnxruntime"]["imports_torch"] is False
+    assert backends["onnxruntime"]["lm_rows"] is False  # batch 1: the default graphs
     assert backends["tensorrt"]["status"] in ("ok", "skipped")
     probe = report["probe"]["onnxruntime"]
     assert probe["last_position"] == 239 and probe["ratios"]["end_vs_start"] > 0
