@@ -32,12 +32,17 @@ def test_export_generate_validate_inspect_roundtrip(tmp_path):
     assert "[ok]" in result.stderr and "wrote" in result.stderr  # progress went to stderr
     manifest = json.loads((out / "doge_export.json").read_text())
     assert manifest["validation"]["onnxruntime"]["passed"] is True
+    assert manifest["validation"]["onnxruntime-rows"]["passed"] is True
     assert manifest["model_info"]["capacity"] == 8
     gen = run_cli("generate", str(out), "--input-ids", "5,6,7", "--input-ids", "9", "--max-new-tokens", "5", "--json")
     assert gen.returncode == 0, gen.stderr
     data = json.loads(gen.stdout)
     assert [len(t) for t in data["tokens"]] == [5, 5] and data["text"] == [None, None]
-    assert run_cli("validate", str(out)).returncode == 0
+    validated = run_cli("validate", str(out), "--json")
+    assert validated.returncode == 0, validated.stderr
+    assert "validation passed (onnxruntime and onnxruntime-rows vs transformers)" in validated.stderr
+    report = json.loads(validated.stdout)
+    assert report["passed"] is True and report["rows_layout"]["passed"] is True
     shown = run_cli("inspect", str(out))
     assert shown.returncode == 0 and "8 slots" in shown.stdout
 
