@@ -43,3 +43,33 @@ def test_decode_latency_and_flatness_on_any_runner(gpu_check, tiny):
         flat = gpu_check.flatness(runner, tiny.info, flat_to=240)
     assert result["steps"] == 12 and result["step_ms_median"] > 0 and result["tokens_per_s"] > 0
     assert flat["positions"][0] == 100 and flat["late_over_early"] > 0 and flat["keep_window"] == 16
+
+
+def test_fp16_validation_floors_each_case_at_what_fp16_moves_transformers(gpu_check, tmp_path_factory, monkeypatch):
+    """As at export: a case's tolerance is max(the fp16 tolerance, the fp16-vs-fp32 spread of
+    transformers on that case). The TensorRT runner is stood in for by transformers in fp16."""
+    import doge_export.backends.trt as trt_backend
+    import doge_export.validate as validate_module
+    from doge_export.backends.torch import TorchRunner
+    from doge_export.precision import cast_model
+
+    work = tmp_path_factory.mktemp("gc16")
+    art = export_artifact(load_model("random:tiny"), work / "art", ExportConfig(dtype="float16"), log=lambda *a: None)
+    for batch in (1, 3):
+        (work / f"fp16-b{batch}").symlink_to(art.folder)
+    spreads = []
+
+    def fake_spreads(reference, fp32, cfg):
+        assert next(fp32.model.parameters()).dtype.is_floating_point and cfg.prompt_lengths
+        spreads.append(tuple(7.0 + i for i in range(len(cfg.prompt_lengths))))
+        return spreads[-1]
+
+    monkeypatch.setattr(validate_module, "case_spreads", fake_spreads)
+    monkeypatch.setattr(trt_backend, "TrtRunner", lambda manifest: TorchRunner(
+        cast_model(load_model("random:tiny").model, "fp16"), manifest.info, stable_topk=True))
+    result = gpu_check.validate(work, "random:tiny", greedy_steps=4)
+    # (random:tiny in fp16 overflows inside transformers on batch 3's prompts: NaN on both sides)
+    assert result["reports"]["batch1"]["passed"] and len(spreads) == 2
+    for (name, report), case_spreads in zip(result["reports"].items(), spreads):
+        for case, spread in zip(report["cases"], case_spreads):
+            assert case["checks"] and all(c["tol"] == spread for c in case["checks"] if "logits" in c["output"]), name
