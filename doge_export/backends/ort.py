@@ -179,7 +179,9 @@ class OrtRunner(Runner):
         rows = self._rows is not None and (self._lm_layout == "rows" or
                                            (self._lm_layout == "auto" and batch >= self._rows["min_batch"]))
         if self._weights is None or rows != self.lm_rows:
-            self.prefill_session = self.step_session = self._weights = self._rows_value = None  # one layout at a time
+            # one layout at a time: the old sessions (and the bindings that keep them alive) go first
+            self.prefill_session = self.step_session = self._prefill_binding = self._step_binding = None
+            self._weights = self._rows_value = None
             self._weights = shared_initializers(self._manifest, without=COLUMNS if rows else None)
             if rows:
                 tied = next(t for t in self._manifest.data["weights"]["tensors"] if t["name"] == COLUMNS)
