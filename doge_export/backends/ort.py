@@ -176,18 +176,9 @@ class OrtRunner(Runner):
 
     def _open_sessions(self, batch: int) -> None:
         step_threads = self._threads or STEP_THREADS
-        rows = self._rows is not None and (self._lm_layout == "rows" or
-                                           (self._lm_layout == "auto" and batch >= self._rows["min_batch"]))
+        rows = self._wants_rows(batch)
         if self._weights is None or rows != self.lm_rows:
-            # one layout at a time: the old sessions (and the bindings that keep them alive) go first
-            self.prefill_session = self.step_session = self._prefill_binding = self._step_binding = None
-            self._weights = self._rows_value = None
-            self._weights = shared_initializers(self._manifest, without=COLUMNS if rows else None)
-            if rows:
-                tied = next(t for t in self._manifest.data["weights"]["tensors"] if t["name"] == COLUMNS)
-                path = self._manifest.path(self._manifest.data["weights"]["file"])
-                self._rows_value = ort.OrtValue.ortvalue_from_numpy(read_rows(path, tied))
-            self.lm_rows = rows
+            self._load_weights(rows)
         graphs = {g: self._manifest.path(self._rows["graphs"][g]) for g in self._files} if rows else self._files
         self.prefill_session = session_from_onnx(graphs["prefill"], self._weights, self._providers,
                                                  self._threads, prepack=self._prepack, batch=batch, spin=self._spin,
@@ -196,6 +187,25 @@ class OrtRunner(Runner):
                                               step_threads, prepack=self._prepack or batch > 1,
                                               batch=batch, spin=self._spin)
         self.session_batch = batch
+
+    def _wants_rows(self, batch: int) -> bool:
+        """The rows-layout graphs (ort_rows) for this batch size: asked for, or (auto) from min_batch on."""
+        if self._rows is None or self._lm_layout == "columns":
+            return False
+        return self._lm_layout == "rows" or batch >= self._rows["min_batch"]
+
+    def _load_weights(self, rows: bool) -> None:
+        """The shared initializers, the tied matrix in one layout only: with rows, not lm_weight_t
+        but the input ROWS, read transposed. The old sessions, and the bindings that keep them
+        alive, are released first, so the two layouts are never held together."""
+        self.prefill_session = self.step_session = self._prefill_binding = self._step_binding = None
+        self._weights = self._rows_value = None
+        self._weights = shared_initializers(self._manifest, without=COLUMNS if rows else None)
+        if rows:
+            weights = self._manifest.data["weights"]
+            tied = next(t for t in weights["tensors"] if t["name"] == COLUMNS)
+            self._rows_value = ort.OrtValue.ortvalue_from_numpy(read_rows(self._manifest.path(weights["file"]), tied))
+        self.lm_rows = rows
 
     def _allocate(self, batch: int) -> None:
         """State, step outputs and both IO bindings for this batch size; bound once."""
