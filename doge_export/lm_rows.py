@@ -37,6 +37,7 @@ def write_rows_graphs(folder: Path, weights: dict) -> dict | None:
         models[graph] = model
     for graph, model in models.items():
         onnx.save(model, str(folder / f"{graph}.rows.onnx"))
+        onnx.checker.check_model(str(folder / f"{graph}.rows.onnx"))
     hidden, vocab = entry["shape"]
     return {
         "graphs": {g: f"{g}.rows.onnx" for g in GRAPHS},

@@ -80,6 +80,13 @@ def test_artifacts_without_a_float32_tied_matrix_have_no_rows_graphs(artifacts):
         assert not runner.lm_rows
 
 
+def test_full_logits_artifacts_have_no_rows_graphs(artifacts):
+    """Their prefill's lm_head is [B,T,H] x [H,V]: not the two-dimensional pattern of the rewrite."""
+    manifest = artifacts("tiny", seed=1, full_logits=True)[0]
+    assert manifest.data["lm_rows"] is None and manifest.info.full_logits
+    assert not any(".rows." in name for name in manifest.data["files"])
+
+
 def test_a_tied_matrix_read_another_way_is_not_rewritten(artifacts):
     model = onnx.load(str(artifacts("tiny", seed=1)[0].graph_file("step")), load_external_data=False)
     gather = next(n for n in model.graph.node if n.op_type == "Gather" and n.input[0] == COLUMNS)
