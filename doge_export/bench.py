@@ -24,8 +24,9 @@ import numpy as np
 from .errors import DogeExportError
 from .manifest import load_manifest
 
-BACKENDS = ("torch-generate", "torch", "onnxruntime", "tensorrt")
-PROBE_BACKENDS = ("onnxruntime", "tensorrt")  # the ones that run the bounded state
+BACKENDS = ("torch-generate", "torch", "onnxruntime", "onnxruntime-packed", "tensorrt")
+STATE_BACKENDS = ("onnxruntime", "onnxruntime-packed", "tensorrt")  # the ones that run the bounded state
+PROBE_BACKENDS = ("onnxruntime", "tensorrt")  # the flatness probe (packing changes no state access)
 PROBE_PROMPT = 100
 PROBE_WINDOW = 64  # steps per window compared in the flatness probe
 PROBE_ROUNDS = 5  # interleaved replays of each window
@@ -101,11 +102,14 @@ def _rss_mb(field: str = "VmRSS") -> float:
 
 def _open(backend: str, manifest, threads: int | None, batch: int, spin: bool = False):
     """-> (runner, or the transformers model for torch-generate; weight byte counts)."""
-    if backend in ("onnxruntime", "tensorrt"):
-        if backend == "onnxruntime":
+    if backend in STATE_BACKENDS:
+        if backend.startswith("onnxruntime"):
             from .backends.ort import OrtRunner
 
-            runner = OrtRunner(manifest, threads=threads, batch=batch, spin=spin)  # sessions for this batch
+            packed = backend == "onnxruntime-packed"
+            if packed and not packs_differently(manifest):
+                raise DogeExportError("the weights are quantized or half: the onnxruntime row already runs them packed")
+            runner = OrtRunner(manifest, threads=threads, batch=batch, spin=spin, pack_weights=packed)  # sessions for this batch
         else:
             from .runtime import open_runner
 
@@ -146,6 +150,12 @@ def step_weight_bytes(manifest) -> int:
     return total
 
 
+def packs_differently(manifest) -> bool:
+    """Whether onnxruntime-packed differs from onnxruntime: fp32 weights, not quantized (MatMulNBits
+    always runs packed)."""
+    return manifest.info.dtype == "float32" and not (manifest.data.get("quantization") or {}).get("mode")
+
+
 # y = Relu(x), x float [1]: a one-node ONNX model, so ONNX Runtime's environment (logging, kernel
 # registry: ~10 MB, whatever the model) is set up before the baseline RSS is read
 _RELU_ONNX = bytes.fromhex("080812003a330a0c0a0178120179220452656c751201675a0f0a0178120a0a08080112040a020801620f0a"
@@ -162,7 +172,7 @@ def _import_libraries(backend: str) -> None:
         from . import model  # noqa: F401
 
         torch.ones(64, 64) @ torch.ones(64, 64)  # thread pool and BLAS set up
-    elif backend == "onnxruntime":
+    elif backend.startswith("onnxruntime"):
         import onnxruntime
 
         from .backends import ort  # noqa: F401

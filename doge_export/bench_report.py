@@ -22,7 +22,7 @@ from importlib import metadata
 
 import numpy as np
 
-from .bench import PROBE_WINDOW
+from .bench import PROBE_WINDOW, STATE_BACKENDS
 from .errors import DogeExportError
 
 LIBRARIES = ("doge-export", "numpy", "onnxruntime", "torch", "transformers", "tensorrt_rtx", "tensorrt")
@@ -127,10 +127,10 @@ def kv_cache_bytes(info, batch: int, length: float) -> float:
 def add_floor(entry: dict, backend: str, info, cfg, weights: dict, bandwidth_gb_s: float) -> None:
     """Bytes per token, the bandwidth floor and the resident-size target of one backend."""
     mean_len = cfg.prompt_len + cfg.new_tokens / 2
-    if backend in ("onnxruntime", "tensorrt") and not weights.get("attends_filled"):
+    if backend in STATE_BACKENDS and not weights.get("attends_filled"):
         state, kind = state_bytes(info, cfg.batch), "bounded state, every slot"
         final_state = state
-    elif backend in ("onnxruntime", "tensorrt"):  # the filled slots only (the floor does not count
+    elif backend in STATE_BACKENDS:  # the filled slots only (the floor does not count
         slots = min(mean_len, info.capacity)  # the up to 63 empty ones the runner reads too)
         state, kind = state_bytes(info, cfg.batch, slots), f"filled state slots, {slots:g} on average"
         final_state = state_bytes(info, cfg.batch)
@@ -221,7 +221,8 @@ def artifact_summary(manifest, batch: int) -> dict:
             "weights_bytes": manifest.data["weights"]["bytes"], "state_bytes": state_bytes(info, batch)}
 
 
-COLUMNS = (("backend", "{:<15}", None), ("TTFT ms", "{:>8.1f}", "ttft_ms"),
+NAME_WIDTH = 18  # the longest backend name, onnxruntime-packed
+COLUMNS = (("backend", f"{{:<{NAME_WIDTH}}}", None), ("TTFT ms", "{:>8.1f}", "ttft_ms"),
            ("p50 ms", "{:>7.2f}", "p50"), ("p90 ms", "{:>7.2f}", "p90"), ("p99 ms", "{:>7.2f}", "p99"),
            ("dec tok/s", "{:>9.1f}", "decode_tok_s"), ("e2e tok/s", "{:>9.1f}", "e2e_tok_s"),
            ("x gen", "{:>6.2f}", "x_gen"), ("MB/tok", "{:>7.1f}", "mb_token"), ("floor ms", "{:>8.2f}", "floor_ms"),
@@ -242,10 +243,10 @@ def format_table(report: dict) -> str:
              f"{' (onnxruntime spinning)' if cfg.get('spin') else ''}; "
              f"{machine['cpu_model']} ({isa_summary(machine.get('cpu_isa', []))}), "
              f"{machine['usable_cores']} cores, bandwidth {machine['bandwidth_gb_s']['used']:.1f} GB/s",
-             "  ".join(f"{h:<15}" if k is None else f"{h:>{len(f.format(0.0))}}" for h, f, k in COLUMNS)]
+             "  ".join(f"{h:<{NAME_WIDTH}}" if k is None else f"{h:>{len(f.format(0.0))}}" for h, f, k in COLUMNS)]
     for name, e in report["backends"].items():
         if e["status"] != "ok":
-            lines.append(f"{name:<15}  skipped: {e['reason']}")
+            lines.append(f"{name:<{NAME_WIDTH}}  skipped: {e['reason']}")
             continue
         values = _row_values(name, e)
         lines.append("  ".join(f.format(name if k is None else values[k]) for h, f, k in COLUMNS))

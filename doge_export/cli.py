@@ -67,7 +67,8 @@ def generate(
     repetition_penalty: Optional[float] = typer.Option(None, help="Repetition penalty (1.0 = off)"),
     stop_id: List[int] = typer.Option([], help="Stop token id; repeat for several \\[eos]"),
     seed: Optional[int] = typer.Option(None, help="Sampling seed"),
-    backend: str = typer.Option("onnxruntime", help="onnxruntime, torch or tensorrt"),
+    backend: str = typer.Option("onnxruntime", help="onnxruntime, onnxruntime-packed (fp32: faster, one more copy "
+                                "of the weights in memory), torch or tensorrt"),
     provider: str = typer.Option("cpu", help="ONNX Runtime provider: cpu, cuda or auto"),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads"),
     spin: bool = typer.Option(False, help=SPIN_HELP),
@@ -115,8 +116,9 @@ def inspect(
 @app.command()
 def bench(
     artifact: Path = typer.Argument(..., help="Artifact folder from `doge-export onnx`"),
-    backends: str = typer.Option(",".join(("torch-generate", "torch", "onnxruntime", "tensorrt")),
-                                 help="Comma-separated: torch-generate, torch, onnxruntime, tensorrt (skipped if absent)"),
+    backends: str = typer.Option(",".join(("torch-generate", "torch", "onnxruntime", "onnxruntime-packed", "tensorrt")),
+                                 help="Comma-separated: torch-generate, torch, onnxruntime, onnxruntime-packed (fp32 weights "
+                                      "prepacked at every batch size: faster, one more copy), tensorrt (skipped if absent)"),
     batch: int = typer.Option(1, help="Prompts per batch (all of --prompt-len tokens)"),
     prompt_len: int = typer.Option(128, help="Prompt tokens (random ids, seeded)"),
     new_tokens: int = typer.Option(256, help="Tokens generated per prompt"),

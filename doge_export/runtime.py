@@ -11,13 +11,13 @@ from pathlib import Path
 from .errors import DogeExportError
 from .manifest import Manifest
 
-BACKENDS = ("onnxruntime", "torch", "tensorrt", "onnx-reference")
+BACKENDS = ("onnxruntime", "onnxruntime-packed", "torch", "tensorrt", "onnx-reference")
 
 
 def open_runner(manifest: Manifest, backend: str = "onnxruntime", *, provider: str = "cpu",
                 threads: int | None = None, tie_log: list | None = None, spin: bool = False,
                 batch: int | None = None):
-    if backend == "onnxruntime" and manifest.info.dtype == "bfloat16":
+    if backend.startswith("onnxruntime") and manifest.info.dtype == "bfloat16":
         raise DogeExportError(
             "ONNX Runtime has no bfloat16 kernels on CPU, so it cannot run this bf16 artifact: use "
             "--backend tensorrt on a GPU, or --backend onnx-reference (slow; tiny models), or "
@@ -27,10 +27,11 @@ def open_runner(manifest: Manifest, backend: str = "onnxruntime", *, provider: s
         from .backends.onnx_ref import OnnxReferenceRunner
 
         return OnnxReferenceRunner(manifest)
-    if backend == "onnxruntime":
+    if backend in ("onnxruntime", "onnxruntime-packed"):
         from .backends.ort import OrtRunner
 
-        return OrtRunner(manifest, provider=provider, threads=threads, spin=spin, batch=batch)  # sessions for it
+        return OrtRunner(manifest, provider=provider, threads=threads, spin=spin, batch=batch,  # sessions for it
+                         pack_weights=backend == "onnxruntime-packed")
     if backend == "torch":
         return torch_reference(manifest, tie_log=tie_log)
     if backend == "tensorrt":

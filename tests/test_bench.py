@@ -45,8 +45,8 @@ def test_bench_runs_and_json_has_the_fields(tiny, tmp_path):
     assert machine["versions"]["onnxruntime"] and machine["bandwidth_gb_s"]["used"] > 0
     assert isinstance(machine["cpu_isa"], list) and isa_summary(machine["cpu_isa"]) in result.stdout
     backends = report["backends"]
-    assert set(backends) == {"torch-generate", "torch", "onnxruntime", "tensorrt"}
-    for name in ("torch-generate", "torch", "onnxruntime"):
+    assert set(backends) == {"torch-generate", "torch", "onnxruntime", "onnxruntime-packed", "tensorrt"}
+    for name in ("torch-generate", "torch", "onnxruntime", "onnxruntime-packed"):
         entry = backends[name]
         assert entry["status"] == "ok", entry
         for key in ("ttft_ms", "decode_tok_s", "e2e_tok_s", "peak_rss_mb", "runtime_rss_mb", "floor_ms",
@@ -54,7 +54,7 @@ def test_bench_runs_and_json_has_the_fields(tiny, tmp_path):
             assert entry[key] > 0, (name, key)
         assert all(entry["latency_ms"][q] > 0 for q in LATENCY)
         assert len(entry["latency_by_step_ms"]) == 5
-    assert backends["onnxruntime"]["imports_torch"] is False
+    assert backends["onnxruntime"]["imports_torch"] is False and backends["onnxruntime-packed"]["imports_torch"] is False
     assert backends["onnxruntime"]["lm_rows"] is False  # batch 1: the default graphs
     assert backends["tensorrt"]["status"] in ("ok", "skipped")
     probe = report["probe"]["onnxruntime"]
