@@ -3,7 +3,8 @@
 usage: python benchmarks/ab_step.py ART_A ART_B [...] [--batch 1] [--threads 1] [--rounds 3]
 
 An artifact written ART@rows or ART@columns runs with that layout of the tied lm_head matrix
-(OrtRunner's lm_layout; plain ART: the runner's choice for the batch size).
+(OrtRunner's lm_layout; plain ART: the runner's choice for the batch size); ART@packed with the
+step's fp32 weights prepacked at batch 1 too (OrtRunner's pack_weights: onnxruntime-packed).
 
 Each artifact gets its own ONNX Runtime runner, prefilled with the same random prompt; the runners
 then take turns, 32 greedy steps each (the first 4 of every turn dropped: the turn before left
@@ -44,8 +45,10 @@ def decode_in_turns(runners, batch: int, prompt_len: int, new_tokens: int, round
 
 
 def open_runner(spec: str, threads: int, batch: int) -> OrtRunner:
-    path, _, layout = spec.partition("@")
-    return OrtRunner(load_manifest(path), threads=threads, batch=batch, lm_layout=layout or "auto")
+    path, _, variant = spec.partition("@")
+    if variant == "packed":
+        return OrtRunner(load_manifest(path), threads=threads, batch=batch, pack_weights=True)
+    return OrtRunner(load_manifest(path), threads=threads, batch=batch, lm_layout=variant or "auto")
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ def row(name: str, report: dict) -> str:
 
 
 def packed_cell(packed: dict) -> str:
-    """onnxruntime-packed (fp32 weights prepacked at every batch size): / generate, p50 / floor, RSS / (w+s)."""
+    """onnxruntime-packed (fp32 weights prepacked at batch 1 too): / generate, p50 / floor, RSS / (w+s)."""
     if packed.get("status") != "ok":
         return "-"
     return (f"{packed['vs_torch_generate']['decode_tok_s']:.2f}x · {packed['floor_ratio']:.2f} · "

@@ -109,6 +109,8 @@ def _open(backend: str, manifest, threads: int | None, batch: int, spin: bool = 
             packed = backend == "onnxruntime-packed"
             if packed and not packs_differently(manifest):
                 raise DogeExportError("the weights are quantized or half: the onnxruntime row already runs them packed")
+            if packed and batch > 1:
+                raise DogeExportError(f"at batch {batch} the onnxruntime row already runs the weights packed")
             runner = OrtRunner(manifest, threads=threads, batch=batch, spin=spin, pack_weights=packed)  # sessions for this batch
         else:
             from .runtime import open_runner

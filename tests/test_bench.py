@@ -139,11 +139,11 @@ def test_ab_step_times_artifacts_side_by_side(tiny):
     """benchmarks/ab_step.py decodes every artifact in turns and reports its ratio to the first."""
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "ab_step.py"
     folder = str(tiny.folder)
-    result = subprocess.run([sys.executable, str(script), folder, folder, "--prompt-len", "8",
+    result = subprocess.run([sys.executable, str(script), folder, folder + "@packed", "--prompt-len", "8",
                              "--new-tokens", "40", "--rounds", "1"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith(folder)]
-    assert len(rows) == 2 and "x1.000 of the first" in rows[0]
+    assert len(rows) == 2 and "x1.000 of the first" in rows[0] and rows[1].startswith(folder + "@packed")
     assert all("step p50" in row for row in rows)
 
 

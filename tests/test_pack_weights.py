@@ -1,5 +1,5 @@
 """onnxruntime-packed (OrtRunner(pack_weights=True)): the step session prepacks fp32 weights at
-every batch size; the results are the default runner's, within summation-order rounding, and
+batch 1 too; the results are the default runner's, within summation-order rounding, and
 transformers' within the validation tolerance."""
 
 from __future__ import annotations
@@ -45,16 +45,16 @@ def test_packed_runner_prepacks_the_step_at_batch_1_and_agrees(artifacts):
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
-def test_packed_runner_keeps_the_default_graphs_at_large_batches(artifacts):
-    """The rows layout exists to avoid the lm_head's packed copy; packed anyway, the runner keeps
-    the artifact's own layout unless asked."""
+def test_from_batch_2_packed_is_the_default_runner(artifacts):
+    """Every runner prepacks from batch 2 on, and takes the rows layout from min_batch on."""
     manifest = artifacts("tiny", seed=1)[0]
     ids = np.random.default_rng(4).integers(3, manifest.info.vocab_size, (8, 5))
-    with OrtRunner(manifest, pack_weights=True) as packed:
-        _greedy(packed, ids, steps=2)
-        assert packed.session_batch == 8 and not packed.lm_rows and prepacks(packed.step_session)
-    with OrtRunner(manifest, pack_weights=True, lm_layout="rows", batch=8) as rows:
-        assert rows.lm_rows
+    with OrtRunner(manifest, pack_weights=True) as packed, OrtRunner(manifest) as plain:
+        for batch, rows in ((2, False), (8, True)):
+            got, want = _greedy(packed, ids[:batch], steps=2), _greedy(plain, ids[:batch], steps=2)
+            assert prepacks(packed.step_session) and prepacks(plain.step_session)
+            assert packed.lm_rows == plain.lm_rows == rows
+            np.testing.assert_array_equal(got, want)
 
 
 def test_packed_runner_passes_validation_against_transformers(artifacts):
@@ -78,6 +78,19 @@ def test_bench_skips_packed_for_quantized_weights(artifacts, tmp_path):
     assert backends["onnxruntime"]["status"] == "ok"
     assert backends["onnxruntime-packed"]["status"] == "skipped"
     assert "already runs them packed" in backends["onnxruntime-packed"]["reason"]
+
+
+def test_bench_skips_packed_from_batch_2(artifacts, tmp_path):
+    """From batch 2 on the onnxruntime row runs the same packed sessions: no duplicate row."""
+    manifest = artifacts("tiny", seed=1)[0]
+    out = tmp_path / "bench.json"
+    result = run_cli("bench", str(manifest.folder), "--backends", "onnxruntime,onnxruntime-packed", "--batch", "2",
+                     "--prompt-len", "4", "--new-tokens", "3", "--warmup", "0", "--repeats", "1", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    backends = json.loads(out.read_text())["backends"]
+    assert backends["onnxruntime"]["status"] == "ok"
+    assert backends["onnxruntime-packed"]["status"] == "skipped"
+    assert "at batch 2" in backends["onnxruntime-packed"]["reason"]
 
 
 def test_unknown_layout_is_still_refused_with_packing(artifacts):

@@ -23,7 +23,7 @@ Imports neither torch nor transformers (a deployment box needs numpy + onnxrunti
   run the rows-layout graphs (ort_rows.py): the tied lm_head matrix, the largest, is then held
   once, transposed, and never prepacked.
 - pack_weights=True (backend "onnxruntime-packed") trades that memory for speed: the step session
-  prepacks the fp32 weights at every batch size, in the artifact's own layout. On the AVX-512
+  prepacks the fp32 weights at batch 1 too (larger batches: as above). On the AVX-512
   machine a Doge-20M batch-1 step took x0.81-0.86 the time of the unpacked one (same process,
   2026-12-02: MLAS's M=1 kernel over the [hidden, vocab] lm_head re-reads the 128 KB result row
   per input feature; the packed kernel keeps 16 columns in registers), for a second copy of the
@@ -149,8 +149,8 @@ class OrtRunner(Runner):
     and thread hand-offs per node cost more than they save). batch: build the sessions for this
     batch size (default 1; a prefill of another size rebuilds them). spin: worker threads busy-wait
     between kernels (session_from_onnx); only worth it with threads > 1 on an idle machine.
-    pack_weights: the step session prepacks fp32 weights at every batch size (faster, one more copy
-    of the weights; module docstring), and runs the default graphs unless lm_layout says rows."""
+    pack_weights: the step session prepacks fp32 weights at batch 1 too (faster, one more copy of
+    the weights; module docstring). From batch 2 on every runner prepacks them."""
 
     name = "onnxruntime"
 
@@ -202,9 +202,8 @@ class OrtRunner(Runner):
         self.session_batch = batch
 
     def _wants_rows(self, batch: int) -> bool:
-        """The rows-layout graphs (ort_rows) for this batch size: asked for, or (auto) from min_batch on
-        unless the weights are packed anyway (the rows layout exists to avoid the lm_head's packed copy)."""
-        if self._rows is None or self._lm_layout == "columns" or (self._pack_weights and self._lm_layout == "auto"):
+        """The rows-layout graphs (ort_rows) for this batch size: asked for, or (auto) from min_batch on."""
+        if self._rows is None or self._lm_layout == "columns":
             return False
         return self._lm_layout == "rows" or batch >= self._rows["min_batch"]
 
