@@ -384,4 +384,5 @@ def run_bench(folder, cfg: BenchConfig, log=print) -> dict:
         infos = {w.backend: {**w.stop(), "error": w.error} for w in workers}
     bandwidth.append(measure_bandwidth(cfg.threads))
     machine["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    machine["ended_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return build_report(manifest, cfg, machine, bandwidth, infos, runs, probes)

@@ -40,7 +40,7 @@ def test_bench_runs_and_json_has_the_fields(tiny, tmp_path):
     report = json.loads(out.read_text())
     assert report["command"].startswith("doge-export bench ")
     machine = report["machine"]
-    for key in ("cpu_model", "logical_cores", "versions", "bandwidth_gb_s"):
+    for key in ("cpu_model", "logical_cores", "versions", "bandwidth_gb_s", "started_utc", "ended_utc"):
         assert machine[key], key
     assert machine["versions"]["onnxruntime"] and machine["bandwidth_gb_s"]["used"] > 0
     assert isinstance(machine["cpu_isa"], list) and isa_summary(machine["cpu_isa"]) in result.stdout
