@@ -237,6 +237,13 @@ def _row_values(name: str, e: dict) -> dict:
             "mb_token": e["bytes_per_token"] / 1e6}
 
 
+def _cell(fmt: str, value) -> str:
+    """A table cell; '-' for a number not measured (NaN: e.g. "x gen" without torch-generate)."""
+    if isinstance(value, float) and value != value:
+        return f"{'-':>{len(fmt.format(0.0))}}"
+    return fmt.format(value)
+
+
 def format_table(report: dict) -> str:
     cfg, machine = report["config"], report["machine"]
     lines = [f"{report['artifact']['model']} ({report['artifact']['quantization'] or report['artifact']['dtype']}), "
@@ -251,7 +258,7 @@ def format_table(report: dict) -> str:
             lines.append(f"{name:<{NAME_WIDTH}}  skipped: {e['reason']}")
             continue
         values = _row_values(name, e)
-        lines.append("  ".join(f.format(name if k is None else values[k]) for h, f, k in COLUMNS))
+        lines.append("  ".join(_cell(f, name if k is None else values[k]) for h, f, k in COLUMNS))
     for name, probe in report["probe"].items():
         w = probe["windows"]
         parts = [f"{k} (pos {v['position']}, fill {v['fill']}) {v['median_ms']:.2f} ms" for k, v in w.items()]
@@ -260,8 +267,8 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_report(report: dict, path) -> None:
-    """Latency vs position per backend (+ the flatness probe) and a tokens/s bar chart."""
+def require_matplotlib():
+    """-> matplotlib.pyplot (headless), or a DogeExportError that says how to install it."""
     try:
         import matplotlib
 
@@ -269,6 +276,12 @@ def plot_report(report: dict, path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise DogeExportError("--plot needs matplotlib; install it with `pip install doge-export[plot]`") from None
+    return plt
+
+
+def plot_report(report: dict, path) -> None:
+    """Latency vs position per backend (+ the flatness probe) and a tokens/s bar chart (PNG)."""
+    plt = require_matplotlib()
     ok = {n: e for n, e in report["backends"].items() if e["status"] == "ok"}
     panels = 3 if report["probe"] else 2
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5))

@@ -205,19 +205,54 @@ def run_inspect(artifact, model, *, as_json: bool) -> None:
     print(json.dumps(data, indent=2) if as_json else text)
 
 
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.stem}.tmp{path.suffix}")  # keeps the suffix (matplotlib reads it)
+
+
+def check_output_file(path: Path | None, option: str) -> None:
+    """Fail before a long run if `path` (an --json/--plot file) cannot be written; creates its folder."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise DogeExportError(f"{option} {path} is a folder; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe = _tmp_name(path)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise DogeExportError(f"cannot write {option} {path}: {e.strerror or e}; choose a writable path") from None
+
+
+def write_atomically(path: Path, write) -> None:
+    """write(tmp_path) then rename: a failed or interrupted write never leaves a half-written file."""
+    path = Path(path)
+    tmp = _tmp_name(path)
+    try:
+        write(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def run_bench_command(artifact: Path, *, backends: str, json_out, plot, log, **options) -> None:
     import shlex
 
     from .bench import BenchConfig, run_bench
-    from .bench_report import format_table, plot_report
+    from .bench_report import format_table, plot_report, require_matplotlib
 
     cfg = BenchConfig(backends=tuple(b.strip() for b in backends.split(",") if b.strip()), **options)
+    check_output_file(json_out, "--json")
+    check_output_file(plot, "--plot")
+    if plot:
+        require_matplotlib()  # before the run, not after it
     report = run_bench(artifact, cfg, log=log)
     report["command"] = shlex.join(["doge-export", *sys.argv[1:]])
     print(format_table(report))
     if json_out:
-        Path(json_out).write_text(json.dumps(report, indent=1) + "\n")
+        write_atomically(json_out, lambda tmp: tmp.write_text(json.dumps(report, indent=1) + "\n"))
         log(f"wrote {json_out}")
     if plot:
-        plot_report(report, plot)
+        write_atomically(plot, lambda tmp: plot_report(report, tmp))
         log(f"wrote {plot}")

@@ -83,6 +83,28 @@ def test_bench_user_errors(tiny):
         BenchConfig(new_tokens=1)
 
 
+def test_bench_refuses_unwritable_outputs_before_running(tiny, tmp_path):
+    """--json/--plot paths are checked before the (long) run, and nothing is left behind."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = run_cli("bench", str(tiny.folder), "--json", str(blocker / "report.json"))
+    assert_user_error(result, "cannot write --json", "writable path")
+    assert "decoding" not in result.stderr  # refused before any backend ran
+    assert_user_error(run_cli("bench", str(tiny.folder), "--plot", str(tmp_path)), "--plot", "is a folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def test_bench_writes_into_new_folders_and_marks_unmeasured_ratios(tiny, tmp_path):
+    out = tmp_path / "new" / "dir" / "bench.json"
+    result = run_cli("bench", str(tiny.folder), "--backends", "onnxruntime", "--prompt-len", "4", "--new-tokens", "3",
+                     "--warmup", "0", "--repeats", "1", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(out.read_text())["backends"]["onnxruntime"]["status"] == "ok"
+    assert [p.name for p in out.parent.iterdir()] == ["bench.json"]  # no temporary file left
+    row = next(line for line in result.stdout.splitlines() if line.startswith("onnxruntime "))
+    assert "nan" not in row and " - " in row  # "x gen": no torch-generate in this run
+
+
 def test_step_weight_bytes_counts_every_matrix_once(tiny):
     listed = sum(t["length"] for t in tiny.data["weights"]["tensors"])
     assert 0 < step_weight_bytes(tiny) <= listed
