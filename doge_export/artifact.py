@@ -25,8 +25,10 @@ GENERATION_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_pen
 
 
 def prepare_out_dir(out_dir: Path, force: bool) -> None:
-    """Refuse to overwrite unless --force, and never delete a folder that is not an artifact."""
+    """Refuse to overwrite unless --force, and never delete a folder that is not an artifact; fail
+    here, before the slow export, when the folder cannot be created at all."""
     if not out_dir.exists():
+        _check_creatable(out_dir)
         return
     if not force:
         raise DogeExportError(f"output folder '{out_dir}' already exists; pass --force to replace it")
@@ -36,6 +38,17 @@ def prepare_out_dir(out_dir: Path, force: bool) -> None:
         raise DogeExportError(
             f"refusing to replace '{out_dir}': it is not empty and not a doge-export artifact folder"
         )
+
+
+def _check_creatable(out_dir: Path) -> None:
+    """Create --out's parent folders and make sure a folder can be made beside where --out goes."""
+    probe = out_dir.parent / f".{out_dir.name}.probe-{os.getpid()}"
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        probe.mkdir()
+        probe.rmdir()
+    except OSError as e:
+        raise DogeExportError(f"cannot create --out '{out_dir}': {e.strerror or e}; choose a writable folder") from None
 
 
 def publish(tmp: Path, out_dir: Path) -> None:

@@ -81,6 +81,8 @@ def write_json_atomic(path: Path, data: dict) -> None:
 def load_manifest(folder: str | Path, *, verify: bool = True) -> Manifest:
     folder = Path(folder)
     path = folder / MANIFEST_NAME
+    if folder.exists() and not folder.is_dir():
+        raise DogeExportError(f"'{folder}' is a file; give the artifact folder that `doge-export onnx` wrote")
     if not folder.is_dir():
         raise DogeExportError(f"artifact folder '{folder}' does not exist; create one with `doge-export onnx`")
     if not path.is_file():

@@ -117,6 +117,23 @@ def test_output_dir_that_exists(tmp_path, small):
     assert (out / "mine.txt").read_text() == "user data"
 
 
+def test_output_dir_that_cannot_be_created(tmp_path):
+    """--out under a file: a clear error before the model loads, and nothing written."""
+    (tmp_path / "a-file").write_text("")
+    result = run_cli("onnx", "--model", "random:tiny", "--out", str(tmp_path / "a-file" / "out"))
+    assert_user_error(result, "cannot create --out", "writable folder")
+    assert "loading" not in result.stderr
+    assert [p.name for p in tmp_path.iterdir()] == ["a-file"]
+
+
+def test_output_dir_parents_are_created(tmp_path):
+    out = tmp_path / "new" / "deeper" / "art"
+    result = run_cli("onnx", "--model", "random:tiny", "--out", str(out), "--no-validate")
+    assert result.returncode == 0, result.stderr
+    assert (out / "doge_export.json").is_file()
+    assert [p.name for p in out.parent.iterdir()] == ["art"]  # no probe or partial folder left
+
+
 def test_force_replaces_an_artifact(tmp_path, small):
     out = tmp_path / "again"
     shutil.copytree(small, out)
@@ -179,6 +196,8 @@ def test_malformed_input_ids(small):
 
 def test_missing_artifact(tmp_path):
     assert_user_error(run_cli("generate", str(tmp_path / "none"), "--input-ids", "1"), "does not exist")
+    (tmp_path / "a-file").write_text("")
+    assert_user_error(run_cli("inspect", str(tmp_path / "a-file")), "is a file", "artifact folder")
 
 
 def test_help_shows_every_bracketed_default():
