@@ -169,6 +169,18 @@ def test_ab_step_times_artifacts_side_by_side(tiny):
     assert all("step p50" in row for row in rows)
 
 
+def test_attention_ops_benchmark_runs_and_checks_agreement():
+    """benchmarks/attention_ops.py times the attention formulations after checking they agree."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "attention_ops.py"
+    result = subprocess.run([sys.executable, str(script), "--slots", "16", "--layers", "2", "--head-dim", "32",
+                             "--rounds", "2"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("slots")]
+    assert [row.split()[2] for row in rows] == ["grouped", "broadcast", "attention23"]
+    bad = subprocess.run([sys.executable, str(script), "--heads", "3", "--kv-heads", "2"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "multiple of --kv-heads" in bad.stderr
+
+
 def test_prefill_session_runs_without_a_memory_pattern(artifacts):
     """The prefill's memory pattern would be allocated on top of the arena its first run grew
     (peak RSS +28 MiB at Doge-20M batch 8); the step keeps it (its intermediates are tiny)."""
