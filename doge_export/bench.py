@@ -107,10 +107,8 @@ def _open(backend: str, manifest, threads: int | None, batch: int, spin: bool = 
             from .backends.ort import OrtRunner
 
             packed = backend == "onnxruntime-packed"
-            if packed and not packs_differently(manifest):
-                raise DogeExportError("the weights are quantized or half: the onnxruntime row already runs them packed")
-            if packed and batch > 1:
-                raise DogeExportError(f"at batch {batch} the onnxruntime row already runs the weights packed")
+            if packed and (same := packed_is_default(manifest, batch)):
+                raise DogeExportError(f"{same}: the onnxruntime row already runs them packed")
             runner = OrtRunner(manifest, threads=threads, batch=batch, spin=spin, pack_weights=packed)  # sessions for this batch
         else:
             from .runtime import open_runner
@@ -152,10 +150,16 @@ def step_weight_bytes(manifest) -> int:
     return total
 
 
-def packs_differently(manifest) -> bool:
-    """Whether onnxruntime-packed differs from onnxruntime: fp32 weights, not quantized (MatMulNBits
-    always runs packed)."""
-    return manifest.info.dtype == "float32" and not (manifest.data.get("quantization") or {}).get("mode")
+def packed_is_default(manifest, batch: int) -> str | None:
+    """Why onnxruntime-packed would run the same sessions as onnxruntime, or None: it differs only
+    for fp32 weights (MatMulNBits always runs packed) at batch 1 (every runner prepacks above)."""
+    if manifest.info.dtype != "float32" or (manifest.data.get("quantization") or {}).get("mode"):
+        return "the weights are quantized or half"
+    return f"at batch {batch} every runner prepacks the weights" if batch > 1 else None
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 # y = Relu(x), x float [1]: a one-node ONNX model, so ONNX Runtime's environment (logging, kernel
@@ -384,5 +388,5 @@ def run_bench(folder, cfg: BenchConfig, log=print) -> dict:
         infos = {w.backend: {**w.stop(), "error": w.error} for w in workers}
     bandwidth.append(measure_bandwidth(cfg.threads))
     machine["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    machine["ended_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    machine["ended_utc"] = utc_now()
     return build_report(manifest, cfg, machine, bandwidth, infos, runs, probes)

@@ -18,12 +18,11 @@ from __future__ import annotations
 import os
 import platform
 import sys
-import time
 from importlib import metadata
 
 import numpy as np
 
-from .bench import PROBE_WINDOW, STATE_BACKENDS
+from .bench import PROBE_WINDOW, STATE_BACKENDS, utc_now
 from .errors import DogeExportError
 
 LIBRARIES = ("doge-export", "numpy", "onnxruntime", "torch", "transformers", "tensorrt_rtx", "tensorrt")
@@ -88,7 +87,7 @@ def machine_info() -> dict:
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "l3_cache": l3.strip() if l3 else None,
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "started_utc": utc_now(),
         "platform": platform.platform(),
         "python": sys.version.split()[0],
         "versions": versions,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .errors import DogeExportError
 from .generate import GenerateConfig, generate
-from .manifest import load_manifest
+from .manifest import load_manifest, temp_sibling, write_atomically, write_json_atomic
 from .runtime import open_runner, parse_overrides, prompts_to_ids, torch_reference
 
 
@@ -205,10 +205,6 @@ def run_inspect(artifact, model, *, as_json: bool) -> None:
     print(json.dumps(data, indent=2) if as_json else text)
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.stem}.tmp{path.suffix}")  # keeps the suffix (matplotlib reads it)
-
-
 def check_output_file(path: Path | None, option: str) -> None:
     """Fail before a long run if `path` (an --json/--plot file) cannot be written; creates its folder."""
     if path is None:
@@ -218,22 +214,11 @@ def check_output_file(path: Path | None, option: str) -> None:
         raise DogeExportError(f"{option} {path} is a folder; give a file name")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        probe = _tmp_name(path)
+        probe = temp_sibling(path)
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
         raise DogeExportError(f"cannot write {option} {path}: {e.strerror or e}; choose a writable path") from None
-
-
-def write_atomically(path: Path, write) -> None:
-    """write(tmp_path) then rename: a failed or interrupted write never leaves a half-written file."""
-    path = Path(path)
-    tmp = _tmp_name(path)
-    try:
-        write(tmp)
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def run_bench_command(artifact: Path, *, backends: str, json_out, plot, log, **options) -> None:
@@ -251,7 +236,7 @@ def run_bench_command(artifact: Path, *, backends: str, json_out, plot, log, **o
     report["command"] = shlex.join(["doge-export", *sys.argv[1:]])
     print(format_table(report))
     if json_out:
-        write_atomically(json_out, lambda tmp: tmp.write_text(json.dumps(report, indent=1) + "\n"))
+        write_json_atomic(Path(json_out), report, indent=1)
         log(f"wrote {json_out}")
     if plot:
         write_atomically(plot, lambda tmp: plot_report(report, tmp))

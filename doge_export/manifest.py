@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,10 +73,25 @@ class Manifest:
         write_json_atomic(self.folder / MANIFEST_NAME, self.data)
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    tmp.replace(path)
+def temp_sibling(path: Path) -> Path:
+    """A hidden file beside `path`, with its suffix (matplotlib picks the format from it)."""
+    return path.with_name(f".{path.stem}.tmp{path.suffix}")
+
+
+def write_atomically(path: Path, write) -> None:
+    """write(temp_path), then rename onto `path`: a failed or interrupted write never leaves a
+    half-written file, and the temporary one is removed either way."""
+    path = Path(path)
+    tmp = temp_sibling(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, data: dict, indent: int = 2) -> None:
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=indent, sort_keys=False) + "\n"))
 
 
 def load_manifest(folder: str | Path, *, verify: bool = True) -> Manifest:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from doge_export.errors import DogeExportError
+from doge_export.manifest import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -244,9 +244,8 @@ def _attach_timing_cache(config, path: str | Path | None, flavor: str):
 
 
 def _save_timing_cache(config, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
-    os.replace(tmp, path)
+    data = bytes(config.get_timing_cache().serialize())
+    write_atomically(path, lambda tmp: tmp.write_bytes(data))
 
 
 def _local_compute_capability() -> str | None:

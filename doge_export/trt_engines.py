@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,7 +21,7 @@ import onnx
 from . import trt_build
 from .errors import DogeExportError
 from .lint import Finding, build_with_findings, errors, lint_static, lint_with_tensorrt
-from .manifest import Manifest, file_entries
+from .manifest import Manifest, file_entries, write_atomically
 from .spec import BATCH, PROMPT, SLOTS, ModelInfo, graph_specs
 
 GRAPHS = ("prefill", "step")
@@ -158,10 +157,7 @@ def engine_record(graph: str, result, target: str, info: ModelInfo, profiles: di
 def save_engines(manifest: Manifest, plans: dict[str, bytes], records: dict[str, dict]) -> None:
     """Write the plans (temp file + rename), drop superseded engine files, then the manifest."""
     for graph, plan in plans.items():
-        path = manifest.folder / records[graph]["file"]
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_bytes(plan)
-        os.replace(tmp, path)
+        write_atomically(manifest.folder / records[graph]["file"], lambda tmp, plan=plan: tmp.write_bytes(plan))
     files = manifest.data["files"]
     for old in (manifest.data.get("engines") or {}).values():
         if old["file"] not in {r["file"] for r in records.values()}:

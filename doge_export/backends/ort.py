@@ -25,8 +25,8 @@ Imports neither torch nor transformers (a deployment box needs numpy + onnxrunti
 - pack_weights=True (backend "onnxruntime-packed") trades that memory for speed: the step session
   prepacks the fp32 weights at batch 1 too (larger batches: as above). On the AVX-512
   machine a Doge-20M batch-1 step took x0.81-0.86 the time of the unpacked one (same process,
-  2026-12-02: MLAS's M=1 kernel over the [hidden, vocab] lm_head re-reads the 128 KB result row
-  per input feature; the packed kernel keeps 16 columns in registers), for a second copy of the
+  2026-12-02; the lm_head alone 0.83 vs 1.00 ms, and cutting it into column blocks that keep the
+  result row in L1 did not help: 1.08-1.49 ms, benchmarks/README.md), for a second copy of the
   weights (+50 MiB for Doge-20M).
 """
 
