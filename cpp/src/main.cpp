@@ -1,0 +1,186 @@
+// doge_run: run a doge-export artifact from C++ with ONNX Runtime, following only its manifest
+// and docs/runtime-contract.md. Greedy decoding of token-id prompts; prints one JSON object.
+//
+//   doge_run FOLDER --input-ids 0,5,9 [--input-ids 0,7 ...] [--max-new-tokens 32] [--stop-id N] [--no-stop]
+//            [--print-logits] [--packed] [--threads N] [--spin] [--all-slots] [--no-verify] [--repeat N] [--warmup N]
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "errors.h"
+#include "generate.h"
+#include "manifest.h"
+#include "runner.h"
+
+namespace {
+
+using doge::UserError;
+
+struct Args {
+  std::string folder;
+  std::vector<std::vector<int64_t>> prompts;
+  int64_t max_new_tokens = 32;
+  bool stop = true, verify = true, print_logits = false;
+  std::vector<int64_t> stop_ids;  // --stop-id; default: the manifest's eos ids
+  int repeat = 1, warmup = 0;
+  doge::RunnerOptions runner;
+};
+
+const char* kUsage =
+    "usage: doge_run FOLDER --input-ids 0,5,9 [--input-ids ...] [--max-new-tokens N] [--stop-id N]\n"
+    "                [--no-stop] [--print-logits] [--packed] [--threads N] [--spin] [--all-slots] [--no-verify] [--repeat N] [--warmup N]\n";
+
+int64_t parse_int(const std::string& text, const std::string& option) {
+  try {
+    size_t used = 0;
+    long long value = std::stoll(text, &used);
+    if (used == text.size()) return value;
+  } catch (const std::exception&) {
+  }
+  throw UserError(option + " takes an integer, got '" + text + "'");
+}
+
+std::vector<int64_t> parse_ids(const std::string& text) {
+  std::vector<int64_t> ids;
+  std::stringstream in(text);
+  for (std::string item; std::getline(in, item, ',');) ids.push_back(parse_int(item, "--input-ids"));
+  return ids;
+}
+
+Args parse_args(int argc, char** argv) {
+  Args args;
+  std::vector<std::string> a(argv + 1, argv + argc);
+  for (size_t i = 0; i < a.size(); ++i) {
+    const std::string option = a[i];
+    auto value = [&]() -> const std::string& {
+      if (i + 1 >= a.size()) throw UserError(option + " needs a value");
+      return a[++i];
+    };
+    if (option == "--help" || option == "-h") {
+      std::cout << kUsage;
+      std::exit(0);
+    } else if (option == "--input-ids") {
+      args.prompts.push_back(parse_ids(value()));
+    } else if (option == "--max-new-tokens") {
+      args.max_new_tokens = parse_int(value(), option);
+    } else if (option == "--threads") {
+      int threads = int(parse_int(value(), option));
+      if (threads < 1) throw UserError("--threads must be at least 1");
+      args.runner.prefill_threads = args.runner.step_threads = threads;
+    } else if (option == "--repeat" || option == "--warmup") {
+      bool repeat = option == "--repeat";
+      int n = int(parse_int(value(), option));
+      if (n < (repeat ? 1 : 0)) throw UserError(option + (repeat ? " must be at least 1" : " must be at least 0"));
+      (repeat ? args.repeat : args.warmup) = n;
+    } else if (option == "--packed") {
+      args.runner.packed = true;
+    } else if (option == "--spin") {
+      args.runner.spin = true;
+    } else if (option == "--all-slots") {
+      args.runner.attend_filled = false;
+    } else if (option == "--no-stop") {
+      args.stop = false;
+    } else if (option == "--stop-id") {
+      args.stop_ids.push_back(parse_int(value(), option));
+    } else if (option == "--print-logits") {
+      args.print_logits = true;
+    } else if (option == "--no-verify") {
+      args.verify = false;
+    } else if (option.rfind("--", 0) == 0) {
+      throw UserError("unknown option " + option + " (see --help)");
+    } else if (args.folder.empty()) {
+      args.folder = a[i];
+    } else {
+      throw UserError("unexpected argument " + a[i] + " (see --help)");
+    }
+  }
+  if (args.folder.empty()) throw UserError("no artifact folder given (see --help)");
+  return args;
+}
+
+// VmRSS / VmHWM of this process, MiB
+double status_mib(const std::string& field) {
+  std::ifstream in("/proc/self/status");
+  for (std::string line; std::getline(in, line);)
+    if (line.rfind(field + ":", 0) == 0) return std::stod(line.substr(field.size() + 1)) / 1024.0;
+  return 0;
+}
+
+double percentile(std::vector<double> values, double q) {
+  if (values.empty()) return 0;
+  std::sort(values.begin(), values.end());
+  double at = q * double(values.size() - 1);
+  size_t lo = size_t(at);
+  size_t hi = std::min(lo + 1, values.size() - 1);
+  return values[lo] + (values[hi] - values[lo]) * (at - double(lo));
+}
+
+// y = Relu(x): one tiny session, so ONNX Runtime's one-time set-up (kernel registry, logging) is
+// in the baseline RSS, as in `doge-export bench`: the runtime RSS is what the model adds.
+void warm_up_library(Ort::Env& env) {
+  static const unsigned char relu[] = {
+      0x08, 0x08, 0x12, 0x00, 0x3a, 0x33, 0x0a, 0x0c, 0x0a, 0x01, 0x78, 0x12, 0x01, 0x79, 0x22, 0x04, 0x52,
+      0x65, 0x6c, 0x75, 0x12, 0x01, 0x67, 0x5a, 0x0f, 0x0a, 0x01, 0x78, 0x12, 0x0a, 0x0a, 0x08, 0x08, 0x01,
+      0x12, 0x04, 0x0a, 0x02, 0x08, 0x01, 0x62, 0x0f, 0x0a, 0x01, 0x79, 0x12, 0x0a, 0x0a, 0x08, 0x08, 0x01,
+      0x12, 0x04, 0x0a, 0x02, 0x08, 0x01, 0x42, 0x04, 0x0a, 0x00, 0x10, 0x11};
+  Ort::SessionOptions opts;
+  Ort::Session session(env, relu, sizeof relu, opts);
+}
+
+int run(const Args& args) {
+  doge::Manifest manifest = doge::load_manifest(args.folder, args.verify);
+  std::vector<int64_t> stop = !args.stop ? std::vector<int64_t>{}
+                              : args.stop_ids.empty() ? manifest.info.eos_token_ids : args.stop_ids;
+  doge::check_prompts(args.prompts, manifest.info, args.max_new_tokens);
+  Ort::Env env(ORT_LOGGING_LEVEL_ERROR, "doge_run");
+  warm_up_library(env);
+  double baseline = status_mib("VmRSS");
+  doge::Runner runner(env, manifest, int64_t(args.prompts.size()), args.runner);
+  double after_load = status_mib("VmRSS");
+  doge::GenerateResult result;
+  std::vector<double> prefill_ms, step_ms;
+  for (int r = 0; r < args.warmup + args.repeat; ++r) {
+    result = doge::generate_greedy(runner, args.prompts, args.max_new_tokens, stop);
+    if (r < args.warmup) continue;
+    prefill_ms.push_back(result.prefill_ms);
+    step_ms.insert(step_ms.end(), result.step_ms.begin(), result.step_ms.end());
+  }
+  double decode_seconds = 0;
+  for (double ms : step_ms) decode_seconds += ms / 1000.0;
+  nlohmann::json out = {
+      {"tokens", result.tokens},
+      {"prefill_ms", percentile(prefill_ms, 0.5)},
+      {"step_ms", {{"p50", percentile(step_ms, 0.5)}, {"p90", percentile(step_ms, 0.9)},
+                   {"p99", percentile(step_ms, 0.99)}, {"count", step_ms.size()}}},
+      {"decode_tok_s", decode_seconds > 0 ? double(step_ms.size() * args.prompts.size()) / decode_seconds : 0.0},
+      {"rss_mib", {{"baseline", baseline}, {"after_load", after_load}, {"peak", status_mib("VmHWM")}}},
+      {"weights_mib", manifest.data.at("weights").at("bytes").get<double>() / (1 << 20)},
+      {"state_mib", double(runner.state().nbytes()) / (1 << 20)},
+      {"options", {{"packed", args.runner.packed || manifest.quantized}, {"threads", args.runner.step_threads},
+                   {"spin", args.runner.spin}, {"attend_filled", args.runner.attend_filled},
+                   {"ort_version", Ort::GetVersionString()}}}};
+  if (args.print_logits) out["last_logits"] = result.last_logits;  // [B*V], row-major
+  std::cout << out.dump() << std::endl;
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(parse_args(argc, argv));
+  } catch (const UserError& e) {
+    std::cerr << "error: " << e.what() << std::endl;
+  } catch (const Ort::Exception& e) {
+    std::cerr << "error: ONNX Runtime: " << e.what() << std::endl;
+  } catch (const std::exception& e) {
+    std::cerr << "error: " << e.what() << std::endl;
+  }
+  return 1;
+}

@@ -1,0 +1,74 @@
+// Prefill and step sessions over state buffers that never move (docs/runtime-contract.md §1-4).
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <onnxruntime/onnxruntime_cxx_api.h>
+
+#include "buffer.h"
+#include "manifest.h"
+#include "state.h"
+
+namespace doge {
+
+struct RunnerOptions {
+  int prefill_threads = 0;  // 0: ONNX Runtime's default (all physical cores); prefill is compute-bound
+  int step_threads = 1;     // a one-row step is bound by memory bandwidth
+  bool spin = false;        // worker threads busy-wait between kernels
+  // fp32 weights at batch 1: false keeps one copy (both sessions read the shared initializers
+  // unpacked); true lets the step prepack them (faster, a second copy), as the Python backend
+  // onnxruntime-packed does. Quantized weights are always prepacked, in both sessions, into ONE
+  // copy shared through ONNX Runtime's prepacked-weights container (C API; Python has none).
+  bool packed = false;
+  bool attend_filled = true;  // the step reads only the filled slots (when the graph allows it)
+};
+
+class Runner {
+ public:
+  Runner(Ort::Env& env, const Manifest& manifest, int64_t batch, const RunnerOptions& options);
+  ~Runner();
+
+  // ids, mask, positions: [B,T] int64, left-padded (§3). Returns logits [B,V] as float.
+  std::vector<float> prefill(const std::vector<int64_t>& ids, const std::vector<int64_t>& mask,
+                             const std::vector<int64_t>& positions, int64_t T);
+  // ids, positions: [B] (§4). Returns logits [B,V] as float; the state is updated in place.
+  std::vector<float> step(const std::vector<int64_t>& ids, const std::vector<int64_t>& positions);
+
+  int64_t batch() const { return batch_; }
+  const StateBuffers& state() const { return state_; }
+
+ private:
+  Ort::SessionOptions session_options(int threads, bool prepack, bool prefill) const;
+  void load_weights();
+  void bind_prefill_outputs();
+  void bind_step();
+  Ort::Value tensor(void* data, size_t bytes, std::vector<int64_t> shape, ONNXTensorElementDataType type) const;
+  void to_float(const uint8_t* logits, int64_t count, float* out) const;  // logits dtype -> float
+
+  const Manifest& manifest_;
+  ModelInfo info_;
+  int64_t batch_;
+  RunnerOptions options_;
+  ONNXTensorElementDataType state_type_, logits_type_;
+  size_t elem_, logits_elem_;
+  bool narrowing_ = false;
+  Ort::MemoryInfo cpu_;
+  OrtPrepackedWeightsContainer* prepacked_ = nullptr;  // one packed copy for both sessions
+  Bytes weights_;                   // weights.bin, one copy; outlives the sessions
+  std::vector<Ort::Value> weight_values_;
+  std::vector<std::string> weight_names_;
+  std::unique_ptr<Ort::Session> prefill_, step_;
+  StateBuffers state_;
+  RowBuffers rows_;
+  Bytes step_ids_, step_positions_, step_logits_;
+  std::vector<Ort::Value> bound_;   // values the bindings refer to
+  std::unique_ptr<Ort::IoBinding> prefill_binding_, step_binding_;
+};
+
+// ONNX element type of a manifest dtype name ("float32", "int64", "uint8", ...).
+ONNXTensorElementDataType onnx_type(const std::string& dtype);
+size_t type_size(ONNXTensorElementDataType type);
+
+}  // namespace doge

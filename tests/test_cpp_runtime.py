@@ -1,0 +1,161 @@
+"""The C++ runtime (cpp/): built against the onnxruntime wheel's library, it runs artifacts from
+their manifest alone (docs/runtime-contract.md) and must agree with the Python runtime token for
+token and logit for logit: batch 1 and left-padded batches, dense and CDMoE, the attended width
+growing past 64 slots and the window evicting, quantized weights, prepacked weights.
+
+Skips name what is missing: a C++ compiler, or the ONNX Runtime headers (fetched once from
+Debian's archive by cpp/build.sh).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from doge_export.generate import GenerateConfig, decode_step, generate, prefill
+from doge_export.runtime import open_runner
+
+from conftest import REPO
+
+PROMPTS = [[0, 5, 9, 17], [3, 4], list(range(1, 21))]  # left-padded to 20
+
+
+@pytest.fixture(scope="session")
+def doge_run():
+    if shutil.which("g++") is None:
+        pytest.skip("needs a C++ compiler (g++) to build cpp/build/doge_run")
+    result = subprocess.run(["bash", str(REPO / "cpp" / "build.sh")], capture_output=True, text=True,
+                            env={**os.environ, "PYTHON": sys.executable}, timeout=900)
+    if result.returncode != 0 and "could not fetch" in result.stderr:
+        pytest.skip(f"needs the ONNX Runtime C++ headers: {result.stderr.strip().splitlines()[-1]}")
+    assert result.returncode == 0, result.stderr
+    return REPO / "cpp" / "build" / "doge_run"
+
+
+def run_cpp(binary, folder, prompts, new_tokens, *options) -> subprocess.CompletedProcess:
+    cmd = [str(binary), str(folder), "--max-new-tokens", str(new_tokens), *options]
+    for prompt in prompts:
+        cmd += ["--input-ids", ",".join(map(str, prompt))]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def cpp_greedy(binary, folder, prompts, new_tokens, *options) -> tuple[list[list[int]], np.ndarray]:
+    result = run_cpp(binary, folder, prompts, new_tokens, "--no-stop", "--print-logits", *options)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    return out["tokens"], np.array(out["last_logits"], np.float32).reshape(len(prompts), -1)
+
+
+def python_greedy(manifest, prompts, new_tokens, backend="onnxruntime") -> tuple[list[list[int]], np.ndarray]:
+    """The same loop with the Python runtime: the tokens, and the logits the last one came from."""
+    with open_runner(manifest, backend) as runner:
+        logits, positions = prefill(runner, prompts)
+        tokens = []
+        for n in range(new_tokens):
+            tokens.append(logits.argmax(-1))
+            if n < new_tokens - 1:
+                logits = decode_step(runner, tokens[-1][:, None], positions)
+                positions = positions + 1
+    return np.stack(tokens, 1).tolist(), logits
+
+
+def assert_same_generation(binary, manifest, prompts, new_tokens, *options, backend="onnxruntime"):
+    tokens, logits = cpp_greedy(binary, manifest.folder, prompts, new_tokens, *options)
+    expected_tokens, expected_logits = python_greedy(manifest, prompts, new_tokens, backend)
+    assert tokens == expected_tokens
+    np.testing.assert_allclose(logits, expected_logits, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["batch1", "batch3-left-padded"])
+def test_cpp_matches_python_across_width_growth_and_eviction(doge_run, artifacts, prompts):
+    """100 slots: the step's attended width grows 64 -> 100 and then the window evicts (150 tokens)."""
+    manifest = artifacts("tiny", seed=3, overrides={"keep_window_size": 100})[0]
+    assert manifest.info.capacity == 100
+    assert_same_generation(doge_run, manifest, prompts, 150)
+    assert_same_generation(doge_run, manifest, prompts, 150, "--all-slots")  # every slot, every step
+
+
+def test_cpp_matches_python_with_cdmoe_routing_across_the_batch(doge_run, artifacts):
+    manifest = artifacts("tiny-moe", seed=2)[0]
+    assert_same_generation(doge_run, manifest, PROMPTS, 40)
+
+
+def test_cpp_packed_weights_match_the_packed_python_runner(doge_run, artifacts):
+    manifest = artifacts("tiny", seed=1)[0]
+    assert_same_generation(doge_run, manifest, PROMPTS[:1], 40, "--packed", backend="onnxruntime-packed")
+
+
+def test_cpp_runs_quantized_weights_with_one_shared_packed_copy(doge_run, artifacts):
+    manifest = artifacts("tiny", seed=2, quantize="int4")[0]
+    assert_same_generation(doge_run, manifest, PROMPTS, 40)
+    out = json.loads(run_cpp(doge_run, manifest.folder, PROMPTS[:1], 4).stdout)
+    assert out["options"]["packed"] is True
+
+
+def test_cpp_stops_rows_at_a_stop_id_like_generate(doge_run, artifacts):
+    """A row ends with its first stop id; finished rows are fed pad while the others go on."""
+    manifest = artifacts("tiny", seed=0)[0]
+    free, _ = python_greedy(manifest, PROMPTS, 30)
+    stop = free[1][5]  # row 1 stops at its 6th token (or earlier); the others when they meet it
+    expected = generate(open_runner(manifest), PROMPTS, GenerateConfig(max_new_tokens=30, stop_ids=(stop,))).tokens
+    assert len(expected[1]) <= 6 and expected != free
+    result = run_cpp(doge_run, manifest.folder, PROMPTS, 30, "--stop-id", str(stop))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["tokens"] == expected
+
+
+def test_cpp_reports_its_measurements(doge_run, artifacts):
+    manifest = artifacts("tiny", seed=0)[0]
+    result = run_cpp(doge_run, manifest.folder, PROMPTS[:1], 12, "--no-stop", "--warmup", "1", "--repeat", "2")
+    out = json.loads(result.stdout)
+    assert out["step_ms"]["count"] == 2 * 11 and 0 < out["step_ms"]["p50"] <= out["step_ms"]["p99"]
+    assert out["prefill_ms"] > 0 and out["decode_tok_s"] > 0
+    assert out["rss_mib"]["peak"] >= out["rss_mib"]["after_load"] > out["rss_mib"]["baseline"] > 0
+    assert out["weights_mib"] == pytest.approx(manifest.data["weights"]["bytes"] / 2**20)
+    assert out["state_mib"] > 0
+
+
+def test_cpp_refuses_a_modified_artifact(doge_run, artifacts, tmp_path):
+    manifest = artifacts("tiny", seed=0)[0]
+    copy = tmp_path / "modified"
+    shutil.copytree(manifest.folder, copy)
+    weights = copy / "weights.bin"
+    data = bytearray(weights.read_bytes())
+    data[100] ^= 1
+    weights.write_bytes(bytes(data))
+    result = run_cpp(doge_run, copy, PROMPTS[:1], 4)
+    assert_cpp_error(result, "does not match its sha256")
+    assert run_cpp(doge_run, copy, PROMPTS[:1], 4, "--no-verify").returncode == 0  # unchecked, it runs
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--input-ids", "0,99999"], "outside the vocabulary"),
+    (["--input-ids", "0,1,x"], "takes an integer"),
+    (["--input-ids", "0,1", "--max-new-tokens", "0"], "at least 1"),
+    (["--input-ids", "0,1", "--max-new-tokens", "100000"], "exceeds this artifact's max context"),
+    (["--input-ids", "0,1", "--bogus"], "unknown option --bogus"),
+    ([], "no prompt given"),
+])
+def test_cpp_bad_input_is_one_clear_error(doge_run, artifacts, args, message):
+    manifest = artifacts("tiny", seed=0)[0]
+    result = subprocess.run([str(doge_run), str(manifest.folder), *args], capture_output=True, text=True, timeout=60)
+    assert_cpp_error(result, message)
+
+
+def test_cpp_names_a_folder_that_is_not_an_artifact(doge_run, tmp_path):
+    result = subprocess.run([str(doge_run), str(tmp_path), "--input-ids", "0"], capture_output=True, text=True)
+    assert_cpp_error(result, "is not an artifact folder")
+
+
+def assert_cpp_error(result: subprocess.CompletedProcess, fragment: str) -> None:
+    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert fragment in lines[0], lines[0]
+    assert result.stdout == ""
