@@ -33,6 +33,8 @@ bench() {  # bench NAME ARTIFACT [options...]
 }
 
 if [[ $STEPS == *bench* ]]; then
+  # the C++ runtime (cpp/README.md): its onnxruntime-cpp row, from the -cpp runs below on
+  PYTHON=${PYTHON:-$(command -v python)} bash "$(dirname "$0")/../cpp/build.sh"
   # One thread for every backend is the fair comparison on this shared 2-core machine: with two,
   # torch's OpenMP threads wait on each other whenever a neighbour's job preempts one of them
   # (generate() measured 5-15x slower under load). The first run shows the default settings.
@@ -51,4 +53,12 @@ if [[ $STEPS == *bench* ]]; then
   bench doge-20m-b1-threads2-spin doge-20m --batch 1 --threads 2 --spin
   bench doge-20m-int4-b1-threads2-spin doge-20m-int4 --batch 1 --threads 2 --spin
   bench doge-20m-int4-b64-b1-threads2-spin doge-20m-int4-b64 --batch 1 --threads 2 --spin
+  # 2026-12-03: the C++ runtime beside the Python one and generate() (torch, the reference runner,
+  # left out: the runs above have it)
+  cpp="--backends torch-generate,onnxruntime,onnxruntime-packed,onnxruntime-cpp"
+  bench doge-20m-b1-threads1-cpp doge-20m --batch 1 --threads 1 $cpp
+  bench doge-20m-int4-b64-b1-threads1-cpp doge-20m-int4-b64 --batch 1 --threads 1 $cpp
+  bench doge-20m-b8-threads1-cpp doge-20m --batch 8 --threads 1 $cpp
+  bench doge-60m-b1-threads1-cpp doge-60m --batch 1 --threads 1 $cpp
+  bench doge-20m-b1-threads2-spin-cpp doge-20m --batch 1 --threads 2 --spin $cpp
 fi

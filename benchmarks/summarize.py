@@ -24,14 +24,15 @@ def row(name: str, report: dict) -> str:
         f"{ours['decode_tok_s']:.1f}", f"**{ours['vs_torch_generate']['decode_tok_s']:.2f}x**",
         f"{ours['latency_ms']['p50']:.2f}", f"{ours['floor_ms']:.2f}", f"{ours['floor_ratio']:.2f}",
         f"{ours['ttft_ms']:.0f} / {gen['ttft_ms']:.0f}", f"{ours['rss_budget_ratio']:.2f}", flat,
-        packed_cell(b.get("onnxruntime-packed", {})),
+        packed_cell(b.get("onnxruntime-packed", {})), packed_cell(b.get("onnxruntime-cpp", {})),
         f"{report['machine']['bandwidth_gb_s']['used']:.1f}", f"{load[0]:.1f}",
     ]
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
 def packed_cell(packed: dict) -> str:
-    """onnxruntime-packed (fp32 weights prepacked at batch 1 too): / generate, p50 / floor, RSS / (w+s)."""
+    """onnxruntime-packed (fp32 weights prepacked at batch 1 too) or onnxruntime-cpp (the C++
+    runtime): / generate, p50 / floor, RSS / (w+s)."""
     if packed.get("status") != "ok":
         return "-"
     return (f"{packed['vs_torch_generate']['decode_tok_s']:.2f}x · {packed['floor_ratio']:.2f} · "
@@ -41,8 +42,8 @@ def packed_cell(packed: dict) -> str:
 HEADER = ("| run | weights | batch | threads | torch-generate tok/s | torch tok/s | onnxruntime tok/s | "
           "ort / generate | ort p50 ms | floor ms | p50 / floor | TTFT ms ort / generate | "
           "ort RSS / (w+s) | step flatness (fill 2000, pos 8000 vs 100) | "
-          "packed: / generate · p50 / floor · RSS / (w+s) | GB/s | load |\n"
-          + "|---" * 17 + "|")
+          "packed: / generate · p50 / floor · RSS / (w+s) | C++: / generate · p50 / floor · RSS / (w+s) | "
+          "GB/s | load |\n" + "|---" * 18 + "|")
 
 
 def main(folder: Path) -> None:

@@ -24,8 +24,10 @@ import numpy as np
 from .errors import DogeExportError
 from .manifest import load_manifest
 
-BACKENDS = ("torch-generate", "torch", "onnxruntime", "onnxruntime-packed", "tensorrt")
-STATE_BACKENDS = ("onnxruntime", "onnxruntime-packed", "tensorrt")  # the ones that run the bounded state
+BACKENDS = ("torch-generate", "torch", "onnxruntime", "onnxruntime-packed", "onnxruntime-cpp", "tensorrt")
+# the ones that run the bounded state (onnxruntime-cpp: cpp/build/doge_run, backends/cpp.py)
+STATE_BACKENDS = ("onnxruntime", "onnxruntime-packed", "onnxruntime-cpp", "tensorrt")
+CPP_BACKEND = "onnxruntime-cpp"
 PROBE_BACKENDS = ("onnxruntime", "tensorrt")  # the flatness probe (packing changes no state access)
 PROBE_PROMPT = 100
 PROBE_WINDOW = 64  # steps per window compared in the flatness probe
@@ -103,7 +105,11 @@ def _rss_mb(field: str = "VmRSS") -> float:
 def _open(backend: str, manifest, threads: int | None, batch: int, spin: bool = False):
     """-> (runner, or the transformers model for torch-generate; weight byte counts)."""
     if backend in STATE_BACKENDS:
-        if backend.startswith("onnxruntime"):
+        if backend == CPP_BACKEND:
+            from .backends.cpp import CppServer
+
+            runner = CppServer(manifest.folder, batch, threads, spin)
+        elif backend.startswith("onnxruntime"):
             from .backends.ort import OrtRunner
 
             packed = backend == "onnxruntime-packed"
@@ -184,6 +190,8 @@ def _import_libraries(backend: str) -> None:
         from .backends import ort  # noqa: F401
 
         onnxruntime.InferenceSession(_RELU_ONNX, providers=["CPUExecutionProvider"])
+    elif backend == CPP_BACKEND:
+        from .backends import cpp  # noqa: F401  (its process sets ONNX Runtime up itself)
     else:
         from .backends import trt  # noqa: F401  (ImportError: reported, the backend is skipped)
 
@@ -196,6 +204,9 @@ def _worker(conn, backend: str, folder: str, threads: int | None, batch: int, sp
         baseline = _rss_mb()
         start = time.perf_counter()
         runner, weights = _open(backend, manifest, threads, batch, spin)
+        if backend == CPP_BACKEND:  # its own process: its own baseline, after ONNX Runtime's set-up
+            rss = runner.ready["rss_mib"]
+            imported, baseline = rss["start"], rss["baseline"]
         conn.send(("ready", {"load_seconds": time.perf_counter() - start, "baseline_rss_mb": baseline,
                              "library_rss_mb": baseline - imported, **weights}))
     except Exception as exc:  # reported to the parent, which skips this backend
@@ -206,11 +217,15 @@ def _worker(conn, backend: str, folder: str, threads: int | None, batch: int, sp
         if command == "stop":
             import sys
 
-            conn.send(("done", {"peak_rss_mb": _rss_mb("VmHWM"), "baseline_rss_mb": baseline,
+            peak = _rss_mb("VmHWM")
+            if backend == CPP_BACKEND:
+                peak = runner.peak_rss_mib
+                runner.close()
+            conn.send(("done", {"peak_rss_mb": peak, "baseline_rss_mb": baseline,
                                 "imports_torch": "torch" in sys.modules}))
             return
         try:
-            run = _timed_probe if command == "probe" else _timed_generate if backend != "torch-generate" else _timed_hf
+            run = _timed_probe if command == "probe" else _TIMED.get(backend, _timed_generate)
             conn.send(("ok", run(runner, *payload)))
         except Exception as exc:
             conn.send(("error", f"{type(exc).__name__}: {exc}"))
@@ -224,6 +239,16 @@ def _timed_generate(runner, prompts: np.ndarray, new_tokens: int) -> dict:
     start = time.perf_counter()
     generate(runner, prompts.tolist(), cfg, on_token=lambda *_: stamps.append(time.perf_counter()))
     return {"start": start, "stamps": stamps, "peak_rss_mb": _rss_mb("VmHWM")}
+
+
+def _timed_cpp(server, prompts: np.ndarray, new_tokens: int) -> dict:
+    """The C++ runtime's own timings (its prefill, each step) turned into token stamps; the pipe's
+    round trip is not in them."""
+    start = time.perf_counter()
+    answer = server.generate(prompts.tolist(), new_tokens)
+    stamps = list(start + np.cumsum([answer["prefill_ms"], *answer["step_ms"]]) / 1e3)
+    server.peak_rss_mib = answer["peak_rss_mib"]
+    return {"start": start, "stamps": stamps, "peak_rss_mb": answer["peak_rss_mib"]}
 
 
 def _timed_hf(model, prompts: np.ndarray, new_tokens: int) -> dict:
@@ -250,6 +275,9 @@ def _timed_hf(model, prompts: np.ndarray, new_tokens: int) -> dict:
                        min_new_tokens=new_tokens, do_sample=False, streamer=streamer,
                        pad_token_id=model.config.pad_token_id)
     return {"start": start, "stamps": streamer.times, "peak_rss_mb": _rss_mb("VmHWM")}
+
+
+_TIMED = {"torch-generate": _timed_hf, CPP_BACKEND: _timed_cpp}  # default: _timed_generate
 
 
 def probe_points(first: int, to_position: int, capacity: int) -> dict[str, int]:

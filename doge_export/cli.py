@@ -116,9 +116,11 @@ def inspect(
 @app.command()
 def bench(
     artifact: Path = typer.Argument(..., help="Artifact folder from `doge-export onnx`"),
-    backends: str = typer.Option(",".join(("torch-generate", "torch", "onnxruntime", "onnxruntime-packed", "tensorrt")),
+    backends: str = typer.Option(",".join(("torch-generate", "torch", "onnxruntime", "onnxruntime-packed", "onnxruntime-cpp",
+                                           "tensorrt")),
                                  help="Comma-separated: torch-generate, torch, onnxruntime, onnxruntime-packed (fp32 weights "
-                                      "prepacked at batch 1 too: faster, one more copy), tensorrt (skipped if absent)"),
+                                      "prepacked at batch 1 too: faster, one more copy), onnxruntime-cpp (the C++ runtime, "
+                                      "cpp/README.md; skipped if not built), tensorrt (skipped if absent)"),
     batch: int = typer.Option(1, help="Prompts per batch (all of --prompt-len tokens)"),
     prompt_len: int = typer.Option(128, help="Prompt tokens (random ids, seeded)"),
     new_tokens: int = typer.Option(256, help="Tokens generated per prompt"),

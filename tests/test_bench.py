@@ -45,7 +45,7 @@ def test_bench_runs_and_json_has_the_fields(tiny, tmp_path):
     assert machine["versions"]["onnxruntime"] and machine["bandwidth_gb_s"]["used"] > 0
     assert isinstance(machine["cpu_isa"], list) and isa_summary(machine["cpu_isa"]) in result.stdout
     backends = report["backends"]
-    assert set(backends) == {"torch-generate", "torch", "onnxruntime", "onnxruntime-packed", "tensorrt"}
+    assert set(backends) == {"torch-generate", "torch", "onnxruntime", "onnxruntime-packed", "onnxruntime-cpp", "tensorrt"}
     for name in ("torch-generate", "torch", "onnxruntime", "onnxruntime-packed"):
         entry = backends[name]
         assert entry["status"] == "ok", entry
@@ -57,6 +57,7 @@ def test_bench_runs_and_json_has_the_fields(tiny, tmp_path):
     assert backends["onnxruntime"]["imports_torch"] is False and backends["onnxruntime-packed"]["imports_torch"] is False
     assert backends["onnxruntime"]["lm_rows"] is False  # batch 1: the default graphs
     assert backends["tensorrt"]["status"] in ("ok", "skipped")
+    assert backends["onnxruntime-cpp"]["status"] in ("ok", "skipped")  # tests/test_cpp_runtime.py runs it
     probe = report["probe"]["onnxruntime"]
     assert probe["last_position"] == 239 and probe["ratios"]["end_vs_start"] > 0
     assert "onnxruntime" in result.stdout and "p50/floor" in result.stdout

@@ -21,7 +21,7 @@ import pytest
 from doge_export.generate import GenerateConfig, decode_step, generate, prefill
 from doge_export.runtime import open_runner
 
-from conftest import REPO
+from conftest import REPO, run_cli
 
 PROMPTS = [[0, 5, 9, 17], [3, 4], list(range(1, 21))]  # left-padded to 20
 
@@ -159,3 +159,30 @@ def assert_cpp_error(result: subprocess.CompletedProcess, fragment: str) -> None
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert fragment in lines[0], lines[0]
     assert result.stdout == ""
+
+
+def test_bench_runs_the_cpp_runtime_side_by_side(doge_run, artifacts, tmp_path):
+    manifest = artifacts("tiny", seed=0)[0]
+    out = tmp_path / "bench.json"
+    result = run_cli("bench", str(manifest.folder), "--backends", "onnxruntime,onnxruntime-cpp", "--prompt-len", "6",
+                     "--new-tokens", "9", "--warmup", "0", "--repeats", "2", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    backends = json.loads(out.read_text())["backends"]
+    cpp, python = backends["onnxruntime-cpp"], backends["onnxruntime"]
+    assert cpp["status"] == "ok", cpp
+    assert len(cpp["latency_by_step_ms"]) == 8  # 9 tokens: 8 steps after the prefill
+    assert cpp["decode_tok_s"] > 0 and cpp["ttft_ms"] > 0
+    # its own process's memory: what loading the artifact added to the C++ program
+    assert 0 < cpp["runtime_rss_mb"] < cpp["peak_rss_mb"]
+    assert cpp["bytes_per_token"] == python["bytes_per_token"] and "filled" in cpp["state_kind"]
+
+
+def test_bench_skips_the_cpp_runtime_when_it_is_not_built(artifacts, tmp_path):
+    manifest = artifacts("tiny", seed=0)[0]
+    out = tmp_path / "bench.json"
+    result = run_cli("bench", str(manifest.folder), "--backends", "onnxruntime,onnxruntime-cpp", "--prompt-len", "4",
+                     "--new-tokens", "3", "--warmup", "0", "--repeats", "1", "--json", str(out),
+                     env={"DOGE_RUN": str(tmp_path / "missing")})
+    assert result.returncode == 0, result.stderr
+    cpp = json.loads(out.read_text())["backends"]["onnxruntime-cpp"]
+    assert cpp["status"] == "skipped" and "bash cpp/build.sh" in cpp["reason"]

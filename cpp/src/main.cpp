@@ -29,12 +29,15 @@ struct Args {
   bool stop = true, verify = true, print_logits = false;
   std::vector<int64_t> stop_ids;  // --stop-id; default: the manifest's eos ids
   int repeat = 1, warmup = 0;
+  bool serve = false;
+  int64_t batch = 1;  // --serve: the batch size every request has
   doge::RunnerOptions runner;
 };
 
 const char* kUsage =
     "usage: doge_run FOLDER --input-ids 0,5,9 [--input-ids ...] [--max-new-tokens N] [--stop-id N]\n"
-    "                [--no-stop] [--print-logits] [--packed] [--threads N] [--spin] [--all-slots] [--no-verify] [--repeat N] [--warmup N]\n";
+    "                [--no-stop] [--print-logits] [--packed] [--threads N] [--spin] [--all-slots] [--no-verify] [--repeat N] [--warmup N]\n"
+    "       doge_run FOLDER --serve [--batch N] [options]   (one generation per JSON line on stdin)\n";
 
 int64_t parse_int(const std::string& text, const std::string& option) {
   try {
@@ -78,6 +81,11 @@ Args parse_args(int argc, char** argv) {
       int n = int(parse_int(value(), option));
       if (n < (repeat ? 1 : 0)) throw UserError(option + (repeat ? " must be at least 1" : " must be at least 0"));
       (repeat ? args.repeat : args.warmup) = n;
+    } else if (option == "--serve") {
+      args.serve = true;
+    } else if (option == "--batch") {
+      args.batch = parse_int(value(), option);
+      if (args.batch < 1) throw UserError("--batch must be at least 1");
     } else if (option == "--packed") {
       args.runner.packed = true;
     } else if (option == "--spin") {
@@ -133,7 +141,49 @@ void warm_up_library(Ort::Env& env) {
   Ort::Session session(env, relu, sizeof relu, opts);
 }
 
+nlohmann::json sizes(const doge::Manifest& manifest, const doge::Runner& runner) {
+  return {{"weights_mib", manifest.data.at("weights").at("bytes").get<double>() / (1 << 20)},
+          {"state_mib", double(runner.state().nbytes()) / (1 << 20)}};
+}
+
+// --serve: load once, then one greedy generation (no stop id) per line of stdin, one JSON line
+// per answer, so that a driver (`doge-export bench`) times the runtime without restarting it.
+//   request: {"prompts": [[ids], ...], "max_new_tokens": N}   (batch-many prompts)
+//   answer:  {"tokens", "prefill_ms", "step_ms": [...], "peak_rss_mib"}, or {"error": "..."}
+int serve(const Args& args) {
+  double start = status_mib("VmRSS");
+  doge::Manifest manifest = doge::load_manifest(args.folder, args.verify);
+  Ort::Env env(ORT_LOGGING_LEVEL_ERROR, "doge_run");
+  warm_up_library(env);
+  double baseline = status_mib("VmRSS");
+  doge::Runner runner(env, manifest, args.batch, args.runner);
+  nlohmann::json ready = sizes(manifest, runner);
+  ready["attend_filled"] = args.runner.attend_filled && manifest.step_takes_slots;
+  ready["rss_mib"] = {{"start", start}, {"baseline", baseline}, {"after_load", status_mib("VmRSS")}};
+  std::cout << ready.dump() << std::endl;
+  for (std::string line; std::getline(std::cin, line);) {
+    nlohmann::json answer;
+    try {
+      nlohmann::json request = nlohmann::json::parse(line);
+      auto prompts = request.at("prompts").get<std::vector<std::vector<int64_t>>>();
+      int64_t new_tokens = request.at("max_new_tokens");
+      if (int64_t(prompts.size()) != args.batch)
+        throw UserError("this server runs batch " + std::to_string(args.batch) + ", got " +
+                        std::to_string(prompts.size()) + " prompts");
+      doge::check_prompts(prompts, manifest.info, new_tokens);
+      doge::GenerateResult result = doge::generate_greedy(runner, prompts, new_tokens, {});
+      answer = {{"tokens", result.tokens}, {"prefill_ms", result.prefill_ms}, {"step_ms", result.step_ms},
+                {"peak_rss_mib", status_mib("VmHWM")}};
+    } catch (const std::exception& e) {  // a bad request: answered, the server goes on
+      answer = {{"error", e.what()}};
+    }
+    std::cout << answer.dump() << std::endl;
+  }
+  return 0;
+}
+
 int run(const Args& args) {
+  if (args.serve) return serve(args);
   doge::Manifest manifest = doge::load_manifest(args.folder, args.verify);
   std::vector<int64_t> stop = !args.stop ? std::vector<int64_t>{}
                               : args.stop_ids.empty() ? manifest.info.eos_token_ids : args.stop_ids;
@@ -160,11 +210,10 @@ int run(const Args& args) {
                    {"p99", percentile(step_ms, 0.99)}, {"count", step_ms.size()}}},
       {"decode_tok_s", decode_seconds > 0 ? double(step_ms.size() * args.prompts.size()) / decode_seconds : 0.0},
       {"rss_mib", {{"baseline", baseline}, {"after_load", after_load}, {"peak", status_mib("VmHWM")}}},
-      {"weights_mib", manifest.data.at("weights").at("bytes").get<double>() / (1 << 20)},
-      {"state_mib", double(runner.state().nbytes()) / (1 << 20)},
       {"options", {{"packed", args.runner.packed || manifest.quantized}, {"threads", args.runner.step_threads},
                    {"spin", args.runner.spin}, {"attend_filled", args.runner.attend_filled},
                    {"ort_version", Ort::GetVersionString()}}}};
+  out.update(sizes(manifest, runner));
   if (args.print_logits) out["last_logits"] = result.last_logits;  // [B*V], row-major
   std::cout << out.dump() << std::endl;
   return 0;
