@@ -20,7 +20,7 @@ def row(name: str, report: dict) -> str:
     flat = " / ".join(f"{v:.2f}" for v in probe.values()) or "-"
     cells = [
         name, art["quantization"] or art["dtype"], cfg["batch"], f"{cfg['threads'] or 'default'}{' spin' if cfg.get('spin') else ''}",
-        f"{gen['decode_tok_s']:.1f}", f"{b['torch']['decode_tok_s']:.1f}" if b["torch"]["status"] == "ok" else "-",
+        f"{gen['decode_tok_s']:.1f}", f"{b['torch']['decode_tok_s']:.1f}" if b.get("torch", {}).get("status") == "ok" else "-",
         f"{ours['decode_tok_s']:.1f}", f"**{ours['vs_torch_generate']['decode_tok_s']:.2f}x**",
         f"{ours['latency_ms']['p50']:.2f}", f"{ours['floor_ms']:.2f}", f"{ours['floor_ratio']:.2f}",
         f"{ours['ttft_ms']:.0f} / {gen['ttft_ms']:.0f}", f"{ours['rss_budget_ratio']:.2f}", flat,
