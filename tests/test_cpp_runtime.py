@@ -86,6 +86,17 @@ def test_cpp_matches_python_with_cdmoe_routing_across_the_batch(doge_run, artifa
     assert_same_generation(doge_run, manifest, PROMPTS, 40)
 
 
+def test_cpp_takes_the_rows_layout_graphs_from_their_min_batch(doge_run, artifacts):
+    """Batch 8 (lm_rows.min_batch): the tied matrix held once, transposed, as the rows graphs' input."""
+    manifest = artifacts("tiny", seed=4)[0]
+    prompts = [[0, 3 + n, 40 + 2 * n][: 1 + n % 3] for n in range(manifest.data["lm_rows"]["min_batch"])]
+    assert_same_generation(doge_run, manifest, prompts, 24)
+    rows = json.loads(run_cpp(doge_run, manifest.folder, prompts, 4).stdout)["options"]
+    columns = json.loads(run_cpp(doge_run, manifest.folder, prompts, 4, "--no-lm-rows").stdout)["options"]
+    assert rows["lm_rows"] is True and columns["lm_rows"] is False
+    assert_same_generation(doge_run, manifest, prompts, 24, "--no-lm-rows")
+
+
 def test_cpp_packed_weights_match_the_packed_python_runner(doge_run, artifacts):
     manifest = artifacts("tiny", seed=1)[0]
     assert_same_generation(doge_run, manifest, PROMPTS[:1], 40, "--packed", backend="onnxruntime-packed")

@@ -2,7 +2,9 @@
 // and docs/runtime-contract.md. Greedy decoding of token-id prompts; prints one JSON object.
 //
 //   doge_run FOLDER --input-ids 0,5,9 [--input-ids 0,7 ...] [--max-new-tokens 32] [--stop-id N] [--no-stop]
-//            [--print-logits] [--packed] [--threads N] [--spin] [--all-slots] [--no-verify] [--repeat N] [--warmup N]
+//            [--print-logits] [--packed] [--threads N] [--spin] [--all-slots] [--no-lm-rows] [--no-verify]
+//            [--repeat N] [--warmup N]
+//   doge_run FOLDER --serve [--batch N] [options]     (one generation per JSON line on stdin)
 #include <algorithm>
 #include <cstdio>
 #include <fstream>
@@ -36,7 +38,8 @@ struct Args {
 
 const char* kUsage =
     "usage: doge_run FOLDER --input-ids 0,5,9 [--input-ids ...] [--max-new-tokens N] [--stop-id N]\n"
-    "                [--no-stop] [--print-logits] [--packed] [--threads N] [--spin] [--all-slots] [--no-verify] [--repeat N] [--warmup N]\n"
+    "                [--no-stop] [--print-logits] [--packed] [--threads N] [--spin] [--all-slots] [--no-lm-rows] [--no-verify]\n"
+    "                [--repeat N] [--warmup N]\n"
     "       doge_run FOLDER --serve [--batch N] [options]   (one generation per JSON line on stdin)\n";
 
 int64_t parse_int(const std::string& text, const std::string& option) {
@@ -92,6 +95,8 @@ Args parse_args(int argc, char** argv) {
       args.runner.spin = true;
     } else if (option == "--all-slots") {
       args.runner.attend_filled = false;
+    } else if (option == "--no-lm-rows") {
+      args.runner.lm_rows = false;
     } else if (option == "--no-stop") {
       args.stop = false;
     } else if (option == "--stop-id") {
@@ -159,6 +164,7 @@ int serve(const Args& args) {
   doge::Runner runner(env, manifest, args.batch, args.runner);
   nlohmann::json ready = sizes(manifest, runner);
   ready["attend_filled"] = args.runner.attend_filled && manifest.step_takes_slots;
+  ready["lm_rows"] = runner.lm_rows();
   ready["rss_mib"] = {{"start", start}, {"baseline", baseline}, {"after_load", status_mib("VmRSS")}};
   std::cout << ready.dump() << std::endl;
   for (std::string line; std::getline(std::cin, line);) {
@@ -211,7 +217,7 @@ int run(const Args& args) {
       {"decode_tok_s", decode_seconds > 0 ? double(step_ms.size() * args.prompts.size()) / decode_seconds : 0.0},
       {"rss_mib", {{"baseline", baseline}, {"after_load", after_load}, {"peak", status_mib("VmHWM")}}},
       {"options", {{"packed", args.runner.packed || manifest.quantized}, {"threads", args.runner.step_threads},
-                   {"spin", args.runner.spin}, {"attend_filled", args.runner.attend_filled},
+                   {"spin", args.runner.spin}, {"attend_filled", args.runner.attend_filled}, {"lm_rows", runner.lm_rows()},
                    {"ort_version", Ort::GetVersionString()}}}};
   out.update(sizes(manifest, runner));
   if (args.print_logits) out["last_logits"] = result.last_logits;  // [B*V], row-major

@@ -60,6 +60,21 @@ bool symbolic_slots(const json& step) {
   return false;
 }
 
+// The lm_rows entry, when the artifact has one and holds the tied matrix it transposes.
+LmRows read_lm_rows(const Manifest& manifest) {
+  LmRows rows;
+  const json& entry = manifest.data.value("lm_rows", json());
+  if (!entry.is_object()) return rows;
+  for (const WeightTensor& t : manifest.tensors)
+    if (t.name == rows.tensor) {
+      rows.prefill_file = manifest.path(entry.at("graphs").at("prefill"));
+      rows.step_file = manifest.path(entry.at("graphs").at("step"));
+      rows.input = entry.at("input").at("name");
+      rows.min_batch = entry.at("min_batch");
+    }
+  return rows;
+}
+
 }  // namespace
 
 Manifest load_manifest(const std::string& folder, bool verify) {
@@ -86,6 +101,7 @@ Manifest load_manifest(const std::string& folder, bool verify) {
     for (const auto& t : weights.at("tensors"))
       manifest.tensors.push_back({t.at("name"), t.at("dtype"), t.at("shape").get<std::vector<int64_t>>(),
                                   t.at("offset"), t.at("length")});
+    manifest.lm_rows = read_lm_rows(manifest);
     const json& quantization = m.value("quantization", json());
     manifest.quantized = quantization.is_object() && !quantization.value("mode", json()).is_null();
   } catch (const json::exception& e) {

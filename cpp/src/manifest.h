@@ -24,6 +24,14 @@ struct ModelInfo {
   bool full_logits = false;  // prefill logits [B,T,V] instead of [B,V]
 };
 
+// lm_rows (§4, optional): the graphs reading the tied matrix as an input in rows layout.
+struct LmRows {
+  std::string prefill_file, step_file;  // paths inside the folder
+  std::string input = "lm_weight";      // [vocab, hidden]: the transpose of `tensor`
+  std::string tensor = "lm_weight_t";   // [hidden, vocab] in weights.bin
+  int64_t min_batch = 0;                // 0: the artifact has no rows graphs
+};
+
 struct Manifest {
   std::string folder;
   nlohmann::json data;
@@ -32,6 +40,7 @@ struct Manifest {
   std::vector<WeightTensor> tensors;
   bool quantized = false;         // MatMulNBits weights: their kernels always run prepacked
   bool step_takes_slots = false;  // the step's state inputs take any first S of the C slots
+  LmRows lm_rows;
 
   std::string path(const std::string& file) const { return folder + "/" + file; }
 };

@@ -5,6 +5,7 @@
 
 #include "errors.h"
 #include "half.h"
+#include "weights.h"
 
 namespace doge {
 namespace {
@@ -62,6 +63,8 @@ Runner::Runner(Ort::Env& env, const Manifest& manifest, int64_t batch, const Run
       step_logits_(batch * manifest.info.vocab_size * logits_elem_) {
   if (info_.dtype == "bfloat16")
     throw UserError("ONNX Runtime has no bfloat16 kernels on the CPU; re-export with --dtype fp16 or fp32");
+  // From lm_rows.min_batch rows on, the rows-layout graphs (§4): no prepacked copy of the tied matrix
+  lm_rows_ = options.lm_rows && manifest.lm_rows.min_batch > 0 && batch >= manifest.lm_rows.min_batch;
   load_weights();
   // Who prepacks: quantized weights always (MatMulNBits runs from its packed layout), in both
   // sessions; fp32 weights only in the step, at batch > 1 or when asked. A prefill that prepacks
@@ -72,11 +75,14 @@ Runner::Runner(Ort::Env& env, const Manifest& manifest, int64_t batch, const Run
   if (step_packs) check_ort(Ort::GetApi().CreatePrepackedWeightsContainer(&prepacked_));
   Ort::SessionOptions prefill_opts = session_options(options.prefill_threads, manifest.quantized, true);
   Ort::SessionOptions step_opts = session_options(options.step_threads, step_packs, false);
-  prefill_ = std::make_unique<Ort::Session>(env, manifest.prefill_file.c_str(), prefill_opts, prepacked_);
-  step_ = std::make_unique<Ort::Session>(env, manifest.step_file.c_str(), step_opts, prepacked_);
+  const std::string& prefill_file = lm_rows_ ? manifest.lm_rows.prefill_file : manifest.prefill_file;
+  const std::string& step_file = lm_rows_ ? manifest.lm_rows.step_file : manifest.step_file;
+  prefill_ = std::make_unique<Ort::Session>(env, prefill_file.c_str(), prefill_opts, prepacked_);
+  step_ = std::make_unique<Ort::Session>(env, step_file.c_str(), step_opts, prepacked_);
   prefill_binding_ = std::make_unique<Ort::IoBinding>(*prefill_);
   step_binding_ = std::make_unique<Ort::IoBinding>(*step_);
   bind_prefill_outputs();
+  if (lm_rows_) prefill_binding_->BindInput(manifest.lm_rows.input.c_str(), lm_rows_value_);
 }
 
 Runner::~Runner() {
@@ -105,22 +111,27 @@ Ort::SessionOptions Runner::session_options(int threads, bool prepack, bool pref
 }
 
 // weights.bin read once into one aligned block; every tensor of the manifest a view of it,
-// registered as a shared initializer of both sessions (§1.4).
+// registered as a shared initializer of both sessions (§1.4). With the rows-layout graphs the
+// tied matrix is left out of that block and held once, transposed: their input (§4).
 void Runner::load_weights() {
-  FILE* f = std::fopen(manifest_.weights_file.c_str(), "rb");
-  if (!f) throw UserError("cannot read " + manifest_.weights_file);
-  std::fseek(f, 0, SEEK_END);
-  size_t size = size_t(std::ftell(f));
-  std::fseek(f, 0, SEEK_SET);
-  weights_ = Bytes(size);
-  size_t got = std::fread(weights_.data(), 1, size, f);
-  std::fclose(f);
-  if (got != size) throw UserError("cannot read " + manifest_.weights_file);
+  const LmRows& rows = manifest_.lm_rows;
+  const WeightTensor* tied = nullptr;
+  for (const WeightTensor& t : manifest_.tensors)
+    if (lm_rows_ && t.name == rows.tensor) tied = &t;
+  weights_ = tied ? read_weights(manifest_.weights_file, tied->offset, tied->length)
+                  : read_weights(manifest_.weights_file);
   for (const WeightTensor& t : manifest_.tensors) {
-    if (t.offset + t.length > size)
+    if (&t == tied) continue;
+    uint64_t offset = tied && t.offset >= tied->offset ? t.offset - tied->length : t.offset;
+    if (offset + t.length > weights_.size())
       throw UserError(manifest_.weights_file + " is shorter than its manifest says; re-export the artifact");
     weight_names_.push_back(t.name);
-    weight_values_.push_back(tensor(weights_.data() + t.offset, t.length, t.shape, onnx_type(t.dtype)));
+    weight_values_.push_back(tensor(weights_.data() + offset, t.length, t.shape, onnx_type(t.dtype)));
+  }
+  if (tied) {
+    lm_rows_matrix_ = read_transposed(manifest_.weights_file, *tied);
+    lm_rows_value_ = tensor(lm_rows_matrix_.data(), lm_rows_matrix_.size(), {tied->shape[1], tied->shape[0]},
+                            ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
   }
 }
 
@@ -128,53 +139,52 @@ Ort::Value Runner::tensor(void* data, size_t bytes, std::vector<int64_t> shape, 
   return Ort::Value::CreateTensor(cpu_, data, bytes, shape.data(), shape.size(), type);
 }
 
+// State tensor `field`.`layer` at width S: [B,G,S,D] (key, value) or [B,G,S] (bias, position),
+// the first B*G*S slots of its buffer.
+Ort::Value Runner::state_view(const char* field, int64_t layer, int64_t width) const {
+  bool position = std::strcmp(field, "position") == 0, kv = !position && std::strcmp(field, "bias") != 0;
+  std::vector<int64_t> shape = {batch_, info_.num_kv_heads, width};
+  if (kv) shape.push_back(info_.head_dim);
+  auto type = position ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : state_type_;
+  size_t count = size_t(batch_ * info_.num_kv_heads * width * (kv ? info_.head_dim : 1));
+  return tensor(state_.field(field, layer), count * type_size(type), shape, type);
+}
+
 // Prefill writes all C slots of every state tensor straight into the state buffers (§3).
 void Runner::bind_prefill_outputs() {
-  int64_t G = info_.num_kv_heads, C = info_.capacity, D = info_.head_dim;
   prefill_binding_->BindOutput("logits", cpu_);  // its shape depends on the prompt (full_logits)
   for (int64_t l = 0; l < info_.num_layers; ++l)
     for (const char* f : kFields) {
-      bool position = std::strcmp(f, "position") == 0, kv = f[0] != 'b' && !position;
-      std::vector<int64_t> shape = kv ? std::vector<int64_t>{batch_, G, C, D} : std::vector<int64_t>{batch_, G, C};
-      size_t count = size_t(batch_ * G * C * (kv ? D : 1));
-      auto type = position ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : state_type_;
-      bound_.push_back(tensor(state_.field(f, l), count * type_size(type), shape, type));
-      prefill_binding_->BindOutput(layer_name(f, l).c_str(), bound_.back());
+      prefill_values_.push_back(state_view(f, l, info_.capacity));
+      prefill_binding_->BindOutput(layer_name(f, l).c_str(), prefill_values_.back());
     }
 }
 
 // The step reads the state's current views (width S) and its id/position buffers, and writes the
 // logits and the new rows into buffers bound once. Called again whenever the width changes.
 void Runner::bind_step() {
-  int64_t G = info_.num_kv_heads, S = state_.width(), D = info_.head_dim;
+  int64_t G = info_.num_kv_heads, D = info_.head_dim;
   Ort::IoBinding& b = *step_binding_;
   b.ClearBoundInputs();
   b.ClearBoundOutputs();
-  std::vector<Ort::Value> values;
-  values.push_back(tensor(step_ids_.data(), step_ids_.size(), {batch_, 1}, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64));
-  b.BindInput("input_ids", values.back());
-  values.push_back(tensor(step_positions_.data(), step_positions_.size(), {batch_, 1}, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64));
-  b.BindInput("position_ids", values.back());
-  values.push_back(tensor(step_logits_.data(), step_logits_.size(), {batch_, info_.vocab_size}, logits_type_));
-  b.BindOutput("logits", values.back());
+  step_values_.clear();  // the binding holds its own references to the values it was given
+  auto bind = [&](bool input, const std::string& name, Ort::Value value) {
+    step_values_.push_back(std::move(value));
+    input ? b.BindInput(name.c_str(), step_values_.back()) : b.BindOutput(name.c_str(), step_values_.back());
+  };
+  auto int64 = ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+  bind(true, "input_ids", tensor(step_ids_.data(), step_ids_.size(), {batch_, 1}, int64));
+  bind(true, "position_ids", tensor(step_positions_.data(), step_positions_.size(), {batch_, 1}, int64));
+  if (lm_rows_) b.BindInput(manifest_.lm_rows.input.c_str(), lm_rows_value_);
+  bind(false, "logits", tensor(step_logits_.data(), step_logits_.size(), {batch_, info_.vocab_size}, logits_type_));
   for (int64_t l = 0; l < info_.num_layers; ++l) {
-    for (const char* f : kFields) {
-      bool position = std::strcmp(f, "position") == 0, kv = f[0] != 'b' && !position;
-      std::vector<int64_t> shape = kv ? std::vector<int64_t>{batch_, G, S, D} : std::vector<int64_t>{batch_, G, S};
-      auto type = position ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : state_type_;
-      size_t bytes = size_t(batch_ * G * S * (kv ? D : 1)) * type_size(type);
-      values.push_back(tensor(state_.field(f, l), bytes, shape, type));
-      b.BindInput(layer_name(f, l).c_str(), values.back());
-    }
+    for (const char* f : kFields) bind(true, layer_name(f, l), state_view(f, l, state_.width()));
     const Bytes* row[] = {&rows_.new_key[l], &rows_.new_value[l], &rows_.new_bias[l], &rows_.slot[l]};
     for (int k = 0; k < 4; ++k) {
-      bool kv = k < 2, slot = k == 3;
-      std::vector<int64_t> shape = kv ? std::vector<int64_t>{batch_, G, D} : std::vector<int64_t>{batch_, G};
-      values.push_back(tensor(row[k]->data(), row[k]->size(), shape, slot ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : state_type_));
-      b.BindOutput(layer_name(kRowFields[k], l).c_str(), values.back());
+      std::vector<int64_t> shape = k < 2 ? std::vector<int64_t>{batch_, G, D} : std::vector<int64_t>{batch_, G};
+      bind(false, layer_name(kRowFields[k], l), tensor(row[k]->data(), row[k]->size(), shape, k == 3 ? int64 : state_type_));
     }
   }
-  bound_.insert(bound_.end(), std::make_move_iterator(values.begin()), std::make_move_iterator(values.end()));
 }
 
 std::vector<float> Runner::prefill(const std::vector<int64_t>& ids, const std::vector<int64_t>& mask,
@@ -192,7 +202,6 @@ std::vector<float> Runner::prefill(const std::vector<int64_t>& ids, const std::v
   state_.after_prefill();
   narrowing_ = options_.attend_filled && manifest_.step_takes_slots;
   if (narrowing_) state_.fit_width();
-  bound_.resize(size_t(info_.num_layers) * 4);  // keep the prefill's state outputs, drop old step views
   bind_step();
   Ort::Value out = std::move(prefill_binding_->GetOutputValues().at(0));
   // logits [B,V], or [B,T,V] with full_logits: each row's last position
@@ -210,10 +219,7 @@ std::vector<float> Runner::step(const std::vector<int64_t>& ids, const std::vect
   std::memcpy(step_positions_.data(), positions.data(), step_positions_.size());
   step_->Run(Ort::RunOptions{nullptr}, *step_binding_);
   state_.write_rows(rows_, step_positions_.as<int64_t>());
-  if (narrowing_ && state_.advance()) {
-    bound_.resize(size_t(info_.num_layers) * 4);
-    bind_step();
-  }
+  if (narrowing_ && state_.advance()) bind_step();
   std::vector<float> logits(size_t(batch_ * info_.vocab_size));
   to_float(step_logits_.data(), batch_ * info_.vocab_size, logits.data());
   return logits;

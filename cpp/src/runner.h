@@ -23,6 +23,7 @@ struct RunnerOptions {
   // copy shared through ONNX Runtime's prepacked-weights container (C API; Python has none).
   bool packed = false;
   bool attend_filled = true;  // the step reads only the filled slots (when the graph allows it)
+  bool lm_rows = true;        // from the manifest's lm_rows.min_batch rows on, the rows-layout graphs
 };
 
 class Runner {
@@ -38,12 +39,14 @@ class Runner {
 
   int64_t batch() const { return batch_; }
   const StateBuffers& state() const { return state_; }
+  bool lm_rows() const { return lm_rows_; }
 
  private:
   Ort::SessionOptions session_options(int threads, bool prepack, bool prefill) const;
   void load_weights();
   void bind_prefill_outputs();
   void bind_step();
+  Ort::Value state_view(const char* field, int64_t layer, int64_t width) const;
   Ort::Value tensor(void* data, size_t bytes, std::vector<int64_t> shape, ONNXTensorElementDataType type) const;
   void to_float(const uint8_t* logits, int64_t count, float* out) const;  // logits dtype -> float
 
@@ -56,14 +59,17 @@ class Runner {
   bool narrowing_ = false;
   Ort::MemoryInfo cpu_;
   OrtPrepackedWeightsContainer* prepacked_ = nullptr;  // one packed copy for both sessions
+  bool lm_rows_ = false;            // the rows-layout graphs run (§4)
   Bytes weights_;                   // weights.bin, one copy; outlives the sessions
+  Bytes lm_rows_matrix_;            // with lm_rows_: the tied matrix [vocab, hidden]
+  Ort::Value lm_rows_value_{nullptr};
   std::vector<Ort::Value> weight_values_;
   std::vector<std::string> weight_names_;
   std::unique_ptr<Ort::Session> prefill_, step_;
   StateBuffers state_;
   RowBuffers rows_;
   Bytes step_ids_, step_positions_, step_logits_;
-  std::vector<Ort::Value> bound_;   // values the bindings refer to
+  std::vector<Ort::Value> prefill_values_, step_values_;  // what the bindings were given
   std::unique_ptr<Ort::IoBinding> prefill_binding_, step_binding_;
 };
 

@@ -43,6 +43,7 @@ class CppServer:
             raise DogeExportError(f"the C++ runtime did not start: {error}")
         self.ready = json.loads(line)
         self.attend_filled = self.ready["attend_filled"]  # the step reads only the filled slots
+        self.lm_rows = self.ready["lm_rows"]  # the rows-layout graphs run
         self.peak_rss_mib = self.ready["rss_mib"]["after_load"]  # updated by every generation
 
     def generate(self, prompts: list[list[int]], new_tokens: int) -> dict:

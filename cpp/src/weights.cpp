@@ -1,0 +1,57 @@
+#include "weights.h"
+
+#include <cstdio>
+#include <memory>
+#include <vector>
+
+#include "errors.h"
+
+namespace doge {
+namespace {
+
+using File = std::unique_ptr<FILE, int (*)(FILE*)>;
+
+File open_file(const std::string& path) {
+  File f(std::fopen(path.c_str(), "rb"), std::fclose);
+  if (!f) throw UserError("cannot read " + path);
+  return f;
+}
+
+void read_exactly(FILE* f, const std::string& path, uint64_t offset, uint8_t* out, uint64_t length) {
+  if (std::fseek(f, long(offset), SEEK_SET) != 0 || std::fread(out, 1, length, f) != length)
+    throw UserError(path + " is shorter than its manifest says; re-export the artifact");
+}
+
+}  // namespace
+
+Bytes read_weights(const std::string& path, uint64_t skip_offset, uint64_t skip_length) {
+  File f = open_file(path);
+  std::fseek(f.get(), 0, SEEK_END);
+  uint64_t size = uint64_t(std::ftell(f.get()));
+  if (skip_offset + skip_length > size) throw UserError(path + " is shorter than its manifest says; re-export the artifact");
+  Bytes out(size - skip_length);
+  read_exactly(f.get(), path, 0, out.data(), skip_offset);
+  uint64_t tail = skip_offset + skip_length;
+  read_exactly(f.get(), path, tail, out.data() + skip_offset, size - tail);
+  return out;
+}
+
+Bytes read_transposed(const std::string& path, const WeightTensor& tensor) {
+  if (tensor.dtype != "float32" || tensor.shape.size() != 2)
+    throw UserError(tensor.name + " is not a float32 matrix; re-export the artifact");
+  int64_t rows = tensor.shape[0], cols = tensor.shape[1], chunk = 16;
+  File f = open_file(path);
+  Bytes out(tensor.length);
+  std::vector<float> part(size_t(chunk * cols));
+  float* t = out.as<float>();
+  for (int64_t r0 = 0; r0 < rows; r0 += chunk) {
+    int64_t n = std::min(chunk, rows - r0);
+    read_exactly(f.get(), path, tensor.offset + uint64_t(r0 * cols) * 4, reinterpret_cast<uint8_t*>(part.data()),
+                 uint64_t(n * cols) * 4);
+    for (int64_t c = 0; c < cols; ++c)
+      for (int64_t r = 0; r < n; ++r) t[c * rows + r0 + r] = part[size_t(r * cols + c)];
+  }
+  return out;
+}
+
+}  // namespace doge
