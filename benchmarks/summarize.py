@@ -50,7 +50,9 @@ def main(folder: Path) -> None:
     for sub in sorted(p for p in folder.iterdir() if p.is_dir() and any(p.glob("*.json"))):
         print(f"\n### {sub.name}\n\n{HEADER}")
         for path in sorted(sub.glob("*.json")):
-            print(row(path.stem, json.loads(path.read_text())))
+            report = json.loads(path.read_text())
+            if "backends" in report:  # a `bench` report (cpp-vs-python.json is another script's)
+                print(row(path.stem, report))
 
 
 if __name__ == "__main__":
