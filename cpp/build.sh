@@ -49,7 +49,21 @@ print(sorted(glob.glob(os.path.join(os.path.dirname(o.__file__), "capi", "libonn
 mkdir -p "$here/build/lib"
 # the library's soname is libonnxruntime.so.1; the wheel ships only the versioned file
 ln -sf "$ort_lib" "$here/build/lib/libonnxruntime.so.1"
-g++ -std=c++17 -O2 -Wall -Wextra -I"$third/include" "$here"/src/*.cpp \
-  "$here/build/lib/libonnxruntime.so.1" -Wl,-rpath,"$here/build/lib" -o "$here/build/doge_run.tmp"
-mv "$here/build/doge_run.tmp" "$here/build/doge_run"
-echo "built $here/build/doge_run (ONNX Runtime: $ort_lib)" >&2
+# the runtime as a static library (everything but main.cpp), then the programs that link it
+objects=()
+for src in "$here"/src/*.cpp; do
+  [ "$(basename "$src")" = main.cpp ] && continue
+  obj=$here/build/obj/$(basename "${src%.cpp}").o
+  mkdir -p "$here/build/obj"
+  g++ -std=c++17 -O2 -Wall -Wextra -I"$third/include" -c "$src" -o "$obj"
+  objects+=("$obj")
+done
+rm -f "$here/build/libdoge_runtime.a" && ar rcs "$here/build/libdoge_runtime.a" "${objects[@]}"
+link() {  # link NAME SOURCE: a program over the library and ONNX Runtime
+  g++ -std=c++17 -O2 -Wall -Wextra -I"$third/include" -I"$here/src" "$2" "$here/build/libdoge_runtime.a" \
+    "$here/build/lib/libonnxruntime.so.1" -Wl,-rpath,"$here/build/lib" -o "$here/build/$1.tmp"
+  mv "$here/build/$1.tmp" "$here/build/$1"
+}
+link doge_run "$here/src/main.cpp"
+link embed "$here/examples/embed.cpp"
+echo "built $here/build/doge_run, libdoge_runtime.a, embed (ONNX Runtime: $ort_lib)" >&2

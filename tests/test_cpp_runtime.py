@@ -197,3 +197,45 @@ def test_bench_skips_the_cpp_runtime_when_it_is_not_built(artifacts, tmp_path):
     assert result.returncode == 0, result.stderr
     cpp = json.loads(out.read_text())["backends"]["onnxruntime-cpp"]
     assert cpp["status"] == "skipped" and "bash cpp/build.sh" in cpp["reason"]
+
+
+def sampled(binary, manifest, *options) -> list[list[int]]:
+    result = run_cpp(binary, manifest.folder, PROMPTS[:2], 48, "--no-stop", *options)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)["tokens"]
+
+
+def test_cpp_sampling_is_seeded_and_its_filters_narrow_to_greedy(doge_run, artifacts):
+    manifest = artifacts("tiny", seed=0)[0]
+    greedy = sampled(doge_run, manifest)
+    hot = ("--temperature", "1.5")
+    first = sampled(doge_run, manifest, *hot, "--seed", "7")
+    assert first == sampled(doge_run, manifest, *hot, "--seed", "7")  # the seed fixes the draw
+    assert first != sampled(doge_run, manifest, *hot, "--seed", "8")
+    assert first != greedy
+    # a filter that leaves one candidate is greedy, whatever the temperature and seed
+    assert sampled(doge_run, manifest, *hot, "--top-k", "1", "--seed", "3") == greedy
+    assert sampled(doge_run, manifest, *hot, "--top-p", "1e-6", "--seed", "3") == greedy
+    assert sampled(doge_run, manifest, "--temperature", "0", "--top-k", "5") == greedy  # 0: greedy
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["--top-k", "-2"], "--top-k must be >= 0"),
+    (["--temperature", "hot"], "takes a number"),
+])
+def test_cpp_sampling_options_are_checked(doge_run, artifacts, args, message):
+    manifest = artifacts("tiny", seed=0)[0]
+    assert_cpp_error(run_cpp(doge_run, manifest.folder, PROMPTS[:1], 4, *args), message)
+
+
+def test_the_runtime_library_embeds_in_a_program(doge_run, artifacts):
+    """cpp/examples/embed.cpp, linked against build/libdoge_runtime.a, generates what doge_run does."""
+    manifest = artifacts("tiny", seed=0)[0]
+    embed = doge_run.parent / "embed"
+    result = subprocess.run([str(embed), str(manifest.folder), *map(str, PROMPTS[0])], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    expected = json.loads(run_cpp(doge_run, manifest.folder, PROMPTS[:1], 16).stdout)["tokens"][0]
+    assert [int(t) for t in result.stdout.split()] == expected

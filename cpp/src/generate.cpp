@@ -13,8 +13,6 @@ double ms_since(std::chrono::steady_clock::time_point start) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
 }
 
-int64_t argmax(const float* row, int64_t n) { return int64_t(std::max_element(row, row + n) - row); }
-
 }  // namespace
 
 void check_prompts(const std::vector<std::vector<int64_t>>& prompts, const ModelInfo& info, int64_t max_new_tokens) {
@@ -37,8 +35,10 @@ void check_prompts(const std::vector<std::vector<int64_t>>& prompts, const Model
                     ") exceeds this artifact's max context " + std::to_string(info.max_context));
 }
 
-GenerateResult generate_greedy(Runner& runner, const std::vector<std::vector<int64_t>>& prompts,
-                               int64_t max_new_tokens, const std::vector<int64_t>& stop_ids) {
+GenerateResult generate(Runner& runner, const std::vector<std::vector<int64_t>>& prompts, const GenerateConfig& config) {
+  const int64_t max_new_tokens = config.max_new_tokens;
+  const std::vector<int64_t>& stop_ids = config.stop_ids;
+  Sampler sampler(config.sampling);
   const ModelInfo& info = runner.state().info();
   int64_t B = int64_t(prompts.size()), V = info.vocab_size, T = 0;
   for (const auto& p : prompts) T = std::max<int64_t>(T, int64_t(p.size()));
@@ -62,7 +62,7 @@ GenerateResult generate_greedy(Runner& runner, const std::vector<std::vector<int
   std::vector<int64_t> tokens(B);
   for (int64_t n = 0; n < max_new_tokens; ++n) {
     for (int64_t b = 0; b < B; ++b) {
-      tokens[b] = done[b] ? info.pad_token_id : argmax(&logits[b * V], V);
+      tokens[b] = done[b] ? info.pad_token_id : sampler.next(&logits[b * V], V);
       if (done[b]) continue;
       result.tokens[b].push_back(tokens[b]);
       done[b] = std::find(stop_ids.begin(), stop_ids.end(), tokens[b]) != stop_ids.end();

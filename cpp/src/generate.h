@@ -1,9 +1,10 @@
-// The generation loop of docs/runtime-contract.md §5 (greedy), with per-step timings.
+// The generation loop of docs/runtime-contract.md §5 (greedy or sampling), with per-step timings.
 #pragma once
 #include <cstdint>
 #include <vector>
 
 #include "runner.h"
+#include "sampling.h"
 
 namespace doge {
 
@@ -18,8 +19,12 @@ struct GenerateResult {
 // a prompt over max_prompt, prompt + new tokens over max_context.
 void check_prompts(const std::vector<std::vector<int64_t>>& prompts, const ModelInfo& info, int64_t max_new_tokens);
 
-// Greedy decoding; stop_ids end a row (finished rows are fed pad_token_id, §5).
-GenerateResult generate_greedy(Runner& runner, const std::vector<std::vector<int64_t>>& prompts,
-                               int64_t max_new_tokens, const std::vector<int64_t>& stop_ids);
+struct GenerateConfig {
+  int64_t max_new_tokens = 32;
+  std::vector<int64_t> stop_ids;  // a row ends with the first of these (finished rows are fed pad, §5)
+  SamplingConfig sampling;        // default: greedy
+};
+
+GenerateResult generate(Runner& runner, const std::vector<std::vector<int64_t>>& prompts, const GenerateConfig& config);
 
 }  // namespace doge

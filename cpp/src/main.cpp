@@ -2,6 +2,7 @@
 // and docs/runtime-contract.md. Greedy decoding of token-id prompts; prints one JSON object.
 //
 //   doge_run FOLDER --input-ids 0,5,9 [--input-ids 0,7 ...] [--max-new-tokens 32] [--stop-id N] [--no-stop]
+//            [--temperature T] [--top-k K] [--top-p P] [--seed S]
 //            [--print-logits] [--packed] [--threads N] [--spin] [--all-slots] [--no-lm-rows] [--no-verify]
 //            [--repeat N] [--warmup N]
 //   doge_run FOLDER --serve [--batch N] [options]     (one generation per JSON line on stdin)
@@ -30,6 +31,7 @@ struct Args {
   int64_t max_new_tokens = 32;
   bool stop = true, verify = true, print_logits = false;
   std::vector<int64_t> stop_ids;  // --stop-id; default: the manifest's eos ids
+  doge::SamplingConfig sampling;  // greedy unless --temperature, --top-k or --top-p
   int repeat = 1, warmup = 0;
   bool serve = false;
   int64_t batch = 1;  // --serve: the batch size every request has
@@ -38,6 +40,7 @@ struct Args {
 
 const char* kUsage =
     "usage: doge_run FOLDER --input-ids 0,5,9 [--input-ids ...] [--max-new-tokens N] [--stop-id N]\n"
+    "                [--temperature T] [--top-k K] [--top-p P] [--seed S]\n"
     "                [--no-stop] [--print-logits] [--packed] [--threads N] [--spin] [--all-slots] [--no-lm-rows] [--no-verify]\n"
     "                [--repeat N] [--warmup N]\n"
     "       doge_run FOLDER --serve [--batch N] [options]   (one generation per JSON line on stdin)\n";
@@ -61,6 +64,7 @@ std::vector<int64_t> parse_ids(const std::string& text) {
 
 Args parse_args(int argc, char** argv) {
   Args args;
+  bool sampling_asked = false, temperature_given = false;
   std::vector<std::string> a(argv + 1, argv + argc);
   for (size_t i = 0; i < a.size(); ++i) {
     const std::string option = a[i];
@@ -99,6 +103,24 @@ Args parse_args(int argc, char** argv) {
       args.runner.lm_rows = false;
     } else if (option == "--no-stop") {
       args.stop = false;
+    } else if (option == "--temperature" || option == "--top-p") {
+      const std::string& text = value();
+      float number;
+      try {
+        size_t used = 0;
+        number = std::stof(text, &used);
+        if (used != text.size()) throw std::invalid_argument(text);
+      } catch (const std::exception&) {
+        throw UserError(option + " takes a number, got '" + text + "'");
+      }
+      (option == "--top-p" ? args.sampling.top_p : args.sampling.temperature) = number;
+      temperature_given |= option == "--temperature";
+      sampling_asked = true;
+    } else if (option == "--top-k") {
+      args.sampling.top_k = parse_int(value(), option);
+      sampling_asked = true;
+    } else if (option == "--seed") {
+      args.sampling.seed = uint64_t(parse_int(value(), option));
     } else if (option == "--stop-id") {
       args.stop_ids.push_back(parse_int(value(), option));
     } else if (option == "--print-logits") {
@@ -114,6 +136,9 @@ Args parse_args(int argc, char** argv) {
     }
   }
   if (args.folder.empty()) throw UserError("no artifact folder given (see --help)");
+  // as `doge-export generate`: --top-k or --top-p alone sample at temperature 1
+  if (sampling_asked && !temperature_given) args.sampling.temperature = 1;
+  doge::Sampler check(args.sampling);  // refuses out-of-range values now, before loading
   return args;
 }
 
@@ -177,7 +202,9 @@ int serve(const Args& args) {
         throw UserError("this server runs batch " + std::to_string(args.batch) + ", got " +
                         std::to_string(prompts.size()) + " prompts");
       doge::check_prompts(prompts, manifest.info, new_tokens);
-      doge::GenerateResult result = doge::generate_greedy(runner, prompts, new_tokens, {});
+      doge::GenerateConfig config;
+      config.max_new_tokens = new_tokens;
+      doge::GenerateResult result = doge::generate(runner, prompts, config);
       answer = {{"tokens", result.tokens}, {"prefill_ms", result.prefill_ms}, {"step_ms", result.step_ms},
                 {"peak_rss_mib", status_mib("VmHWM")}};
     } catch (const std::exception& e) {  // a bad request: answered, the server goes on
@@ -202,7 +229,9 @@ int run(const Args& args) {
   doge::GenerateResult result;
   std::vector<double> prefill_ms, step_ms;
   for (int r = 0; r < args.warmup + args.repeat; ++r) {
-    result = doge::generate_greedy(runner, args.prompts, args.max_new_tokens, stop);
+    doge::GenerateConfig config{args.max_new_tokens, stop, args.sampling};
+    config.sampling.seed = args.sampling.seed + uint64_t(r);  // each repeat its own draw
+    result = doge::generate(runner, args.prompts, config);
     if (r < args.warmup) continue;
     prefill_ms.push_back(result.prefill_ms);
     step_ms.insert(step_ms.end(), result.step_ms.begin(), result.step_ms.end());
@@ -218,6 +247,8 @@ int run(const Args& args) {
       {"rss_mib", {{"baseline", baseline}, {"after_load", after_load}, {"peak", status_mib("VmHWM")}}},
       {"options", {{"packed", args.runner.packed || manifest.quantized}, {"threads", args.runner.step_threads},
                    {"spin", args.runner.spin}, {"attend_filled", args.runner.attend_filled}, {"lm_rows", runner.lm_rows()},
+                   {"sampling", {{"temperature", args.sampling.temperature}, {"top_k", args.sampling.top_k},
+                                 {"top_p", args.sampling.top_p}, {"seed", args.sampling.seed}}},
                    {"ort_version", Ort::GetVersionString()}}}};
   out.update(sizes(manifest, runner));
   if (args.print_logits) out["last_logits"] = result.last_logits;  // [B*V], row-major
