@@ -65,11 +65,11 @@ def python_greedy(manifest, prompts, new_tokens, backend="onnxruntime") -> tuple
     return np.stack(tokens, 1).tolist(), logits
 
 
-def assert_same_generation(binary, manifest, prompts, new_tokens, *options, backend="onnxruntime"):
+def assert_same_generation(binary, manifest, prompts, new_tokens, *options, backend="onnxruntime", atol=1e-4):
     tokens, logits = cpp_greedy(binary, manifest.folder, prompts, new_tokens, *options)
     expected_tokens, expected_logits = python_greedy(manifest, prompts, new_tokens, backend)
     assert tokens == expected_tokens
-    np.testing.assert_allclose(logits, expected_logits, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(logits, expected_logits, rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS], ids=["batch1", "batch3-left-padded"])
@@ -95,6 +95,13 @@ def test_cpp_takes_the_rows_layout_graphs_from_their_min_batch(doge_run, artifac
     columns = json.loads(run_cpp(doge_run, manifest.folder, prompts, 4, "--no-lm-rows").stdout)["options"]
     assert rows["lm_rows"] is True and columns["lm_rows"] is False
     assert_same_generation(doge_run, manifest, prompts, 24, "--no-lm-rows")
+
+
+def test_cpp_runs_half_precision_artifacts(doge_run, artifacts):
+    """fp16 state (empty bias = -65504) and fp16 logits, converted to float by the runtime."""
+    manifest = artifacts("tiny", seed=0, dtype="float16")[0]
+    assert manifest.info.dtype == "float16"
+    assert_same_generation(doge_run, manifest, PROMPTS, 30, atol=1e-3)
 
 
 def test_cpp_packed_weights_match_the_packed_python_runner(doge_run, artifacts):
