@@ -27,10 +27,18 @@ fetch_headers() {
   for entry in "${debs[@]}"; do
     read -r path sum <<<"$entry"
     echo "fetching $mirror/$path" >&2
-    "$python" - "$mirror/$path" "$tmp/pkg.deb" <<'PY'
-import sys, urllib.request
-with urllib.request.urlopen(sys.argv[1], timeout=120) as r, open(sys.argv[2], "wb") as f:
-    f.write(r.read())
+    "$python" - "$mirror/$path" "$tmp/pkg.deb" <<'PY' || return 1
+import sys, time, urllib.request
+for attempt in range(3):  # a flaky network gets two more tries
+    try:
+        with urllib.request.urlopen(sys.argv[1], timeout=120) as r:
+            data = r.read()
+        break
+    except OSError as exc:
+        if attempt == 2:
+            sys.exit(f"{sys.argv[1]}: {exc}")
+        time.sleep(5)
+open(sys.argv[2], "wb").write(data)
 PY
     echo "$sum  $tmp/pkg.deb" | sha256sum --check --quiet - \
       || { echo "error: $path does not match its pinned sha256" >&2; return 1; }
