@@ -53,7 +53,10 @@ PY
   || { echo "error: could not fetch the ONNX Runtime headers from $mirror (set DEBIAN_MIRROR)" >&2; exit 1; }
 
 ort_lib=${ORT_LIB:-$("$python" -c 'import glob, os, onnxruntime as o
-print(sorted(glob.glob(os.path.join(os.path.dirname(o.__file__), "capi", "libonnxruntime.so*")))[0])')}
+print(sorted(glob.glob(os.path.join(os.path.dirname(o.__file__), "capi", "libonnxruntime.so*")))[0])' 2>/dev/null)} \
+  || { echo "error: $python has no onnxruntime with its libonnxruntime.so: set PYTHON=.venv/bin/python" \
+            "(the project's environment) or ORT_LIB=/path/to/libonnxruntime.so.1.x" >&2; exit 1; }
+[ -f "$ort_lib" ] || { echo "error: ORT_LIB=$ort_lib is not a file" >&2; exit 1; }
 mkdir -p "$here/build/lib"
 # the library's soname is libonnxruntime.so.1; the wheel ships only the versioned file
 ln -sf "$ort_lib" "$here/build/lib/libonnxruntime.so.1"
