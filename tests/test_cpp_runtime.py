@@ -18,10 +18,12 @@ import sys
 import numpy as np
 import pytest
 
+from doge_export.backends.torch import TorchRunner
 from doge_export.generate import GenerateConfig, decode_step, generate, prefill
 from doge_export.runtime import open_runner
 
-from conftest import REPO, run_cli
+from conftest import CROSSING, REPO, run_cli
+from parity import varied_prompts
 
 PROMPTS = [[0, 5, 9, 17], [3, 4], list(range(1, 21))]  # left-padded to 20
 
@@ -52,9 +54,10 @@ def cpp_greedy(binary, folder, prompts, new_tokens, *options) -> tuple[list[list
     return out["tokens"], np.array(out["last_logits"], np.float32).reshape(len(prompts), -1)
 
 
-def python_greedy(manifest, prompts, new_tokens, backend="onnxruntime") -> tuple[list[list[int]], np.ndarray]:
-    """The same loop with the Python runtime: the tokens, and the logits the last one came from."""
-    with open_runner(manifest, backend) as runner:
+def python_greedy(manifest, prompts, new_tokens, backend="onnxruntime", runner=None):
+    """The same loop with the Python runtime (or `runner`): the tokens, and the logits the last one
+    came from."""
+    with runner or open_runner(manifest, backend) as runner:
         logits, positions = prefill(runner, prompts)
         tokens = []
         for n in range(new_tokens):
@@ -79,6 +82,20 @@ def test_cpp_matches_python_across_width_growth_and_eviction(doge_run, artifacts
     assert manifest.info.capacity == 100
     assert_same_generation(doge_run, manifest, prompts, 150)
     assert_same_generation(doge_run, manifest, prompts, 150, "--all-slots")  # every slot, every step
+
+
+def test_cpp_matches_transformers_across_the_window_and_the_rope_rescaling(doge_run, artifacts):
+    """Against transformers itself (stable keep-window top-k): a keep window of 16 crossed in the
+    prompt and while decoding, positions past max_position_embeddings (dynamic RoPE)."""
+    manifest, loaded = artifacts("tiny", seed=3, overrides=CROSSING)
+    reference = TorchRunner(loaded.model, manifest.info, stable_topk=True)
+    for lengths in [(5,), (40,), (60, 3)]:
+        prompts = varied_prompts(lengths, loaded.config.vocab_size, seed=len(lengths))
+        tokens, logits = cpp_greedy(doge_run, manifest.folder, prompts, 40)
+        expected_tokens, expected_logits = python_greedy(manifest, prompts, 40, runner=reference)
+        assert tokens == expected_tokens, lengths
+        tolerance = 1e-4 + 3e-5 * float(np.abs(expected_logits).max())  # validate's (README "Parity")
+        np.testing.assert_allclose(logits, expected_logits, rtol=0, atol=tolerance)
 
 
 def test_cpp_matches_python_with_cdmoe_routing_across_the_batch(doge_run, artifacts):
