@@ -129,6 +129,8 @@ def run_validate(artifact: Path, *, backend: str, model, decode_steps: int, gree
 def generation_config(manifest, *, greedy, temperature, top_k, top_p, repetition_penalty,
                       stop_ids, seed, max_new_tokens) -> GenerateConfig:
     """CLI options over the checkpoint's generation_config; greedy when neither says otherwise."""
+    if max_new_tokens < 1:
+        raise DogeExportError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     defaults = manifest.data.get("generation_defaults") or {}
     sampling = [v for v in (temperature, top_k, top_p) if v is not None]
     if greedy and sampling:

@@ -181,6 +181,7 @@ def test_token_id_outside_vocab(small):
     ("--top-p", "0", "top_p must be in (0, 1]"),
     ("--top-p", "1.5", "top_p must be in (0, 1]"),
     ("--top-k", "-1", "top_k must be >= 0"),
+    ("--max-new-tokens", "0", "--max-new-tokens must be at least 1"),
 ])
 def test_invalid_sampling_values(small, option, value, expected):
     assert_user_error(run_cli("generate", str(small), "--input-ids", "5,6", option, value), expected)
