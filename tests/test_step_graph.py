@@ -76,6 +76,9 @@ def test_spinning_and_batch_specialized_sessions_give_the_same_logits(artifacts)
         assert plain.session_batch == 3  # rebuilt for the batch it met
         np.testing.assert_allclose(_decode(spinning, ids), first, rtol=0, atol=1e-5)
         np.testing.assert_allclose(_decode(plain, ids[:1]), first[:, :1], rtol=0, atol=1e-5)
+        # spinning workers stop when a run ends (an idle session's spinning slowed the other's runs)
+        for session in (spinning.prefill_session, spinning.step_session):
+            assert session.get_session_options().get_session_config_entry("session.force_spinning_stop") == "1"
 
 
 def test_a_step_of_another_batch_size_is_refused_with_the_expected_shape(artifacts):

@@ -103,6 +103,10 @@ Ort::SessionOptions Runner::session_options(int threads, bool prepack, bool pref
   opts.SetLogSeverityLevel(3);
   if (threads > 0) opts.SetIntraOpNumThreads(threads);
   opts.AddConfigEntry("session.intra_op.allow_spinning", options_.spin ? "1" : "0");
+  // spinning threads stop when their Run ends: otherwise the idle session's spinning workers
+  // take the 2 cores from the other session's next run (a prefill after steps took 22-35 ms
+  // instead of 12-18 with 2 spinning threads, Doge-20M; steps unchanged within noise)
+  if (options_.spin) opts.AddConfigEntry("session.force_spinning_stop", "1");
   if (!prepack) opts.AddConfigEntry("session.disable_prepacking", "1");
   if (prefill) opts.DisableMemPattern();
   check_ort(Ort::GetApi().AddFreeDimensionOverrideByName(opts, "batch", batch_));

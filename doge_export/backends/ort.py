@@ -107,6 +107,9 @@ def session_from_onnx(path, initializers, providers, threads: int | None, *, pre
       a busy small CPU (step latency doubled on the shared 2-core machine, benchmarks/README.md);
       on an otherwise idle machine, 2 spinning threads made a Doge-20M step 9% (fp32) to 20%
       (int4) faster than 1 thread, and 2 threads without spinning 20% slower (side by side).
+      Spinning workers stop when their run ends (session.force_spinning_stop): the prefill
+      session's kept spinning into the first ~10 steps (5-7 ms instead of ~3, Doge-20M, 2 cores)
+      and the step's into the next prefill (2026-12-03, bench --threads 2 --spin).
     - prepack=False keeps MLAS from making its own packed copy of each fp32 weight per session
       (the lm_head alone is 33 MB for Doge-20M); a one-row step streams the weights unpacked.
     - batch: specialize the symbolic batch dim, so the shape arithmetic of the graph folds away.
@@ -124,6 +127,8 @@ def session_from_onnx(path, initializers, providers, threads: int | None, *, pre
     opts.log_severity_level = 3
     opts.enable_mem_pattern = mem_pattern
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    if spin:  # stop spinning when a run ends: an idle session's spinning workers slow the other's runs
+        opts.add_session_config_entry("session.force_spinning_stop", "1")
     if priority_order:
         opts.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     if not prepack:
