@@ -263,3 +263,26 @@ def test_the_runtime_library_embeds_in_a_program(doge_run, artifacts):
     assert result.returncode == 0, result.stderr
     expected = json.loads(run_cpp(doge_run, manifest.folder, PROMPTS[:1], 16).stdout)["tokens"][0]
     assert [int(t) for t in result.stdout.split()] == expected
+
+
+def test_cmake_builds_the_same_runtime(doge_run, artifacts, tmp_path):
+    """cpp/CMakeLists.txt (for embedding projects) builds a doge_run and an embed that agree with
+    build.sh's; the headers are the ones build.sh fetched."""
+    if shutil.which("cmake") is None:
+        pytest.skip("needs cmake to test cpp/CMakeLists.txt")
+    import glob
+
+    import onnxruntime
+
+    library = sorted(glob.glob(os.path.join(os.path.dirname(onnxruntime.__file__), "capi", "libonnxruntime.so*")))[0]
+    build = tmp_path / "build"
+    for cmd in (["cmake", "-S", str(REPO / "cpp"), "-B", str(build), f"-DORT_LIBRARY={library}"],
+                ["cmake", "--build", str(build), "-j2"]):
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stdout + result.stderr
+    manifest = artifacts("tiny", seed=0)[0]
+    expected = json.loads(run_cpp(doge_run, manifest.folder, PROMPTS[:1], 16).stdout)["tokens"]
+    assert json.loads(run_cpp(build / "doge_run", manifest.folder, PROMPTS[:1], 16).stdout)["tokens"] == expected
+    embedded = subprocess.run([str(build / "embed"), str(manifest.folder), *map(str, PROMPTS[0])],
+                              capture_output=True, text=True, timeout=60)
+    assert [int(t) for t in embedded.stdout.split()] == expected[0], embedded.stderr
