@@ -67,10 +67,13 @@ Runner::Runner(Ort::Env& env, const Manifest& manifest, int64_t batch, const Run
   lm_rows_ = options.lm_rows && manifest.lm_rows.min_batch > 0 && batch >= manifest.lm_rows.min_batch;
   load_weights();
   // Who prepacks: quantized weights always (MatMulNBits runs from its packed layout), in both
-  // sessions; fp32 weights only in the step, at batch > 1 or when asked. A prefill that prepacks
-  // fp32 weights runs faster (Doge-20M, 128 tokens: 12-13 vs 17-19 ms) but peaked 30 MiB higher
-  // (measured, 2026-12-03), and the prefill already beats generate()'s time to first token.
-  // Sessions that both prepack share one packed copy through the container.
+  // sessions; fp32 weights only in the step, at batch > 1 or when asked. Sessions that both
+  // prepack share one packed copy through the container, but the second session packs each
+  // weight again before the container finds the copy it already holds: a transient of the
+  // largest packed matrix (VmHWM while the step session was created, 2026-12-03: +32 MiB for
+  // Doge-20M fp32, the lm_head; ~6 MiB for int4). So an fp32 prefill that prepacks, though
+  // faster (Doge-20M, 128 tokens: 12-13 vs 17-19 ms), would peak as high as two copies, and the
+  // prefill already beats generate()'s time to first token.
   bool step_packs = manifest.quantized || options.packed || batch > 1;
   if (step_packs) check_ort(Ort::GetApi().CreatePrepackedWeightsContainer(&prepacked_));
   Ort::SessionOptions prefill_opts = session_options(options.prefill_threads, manifest.quantized, true);
