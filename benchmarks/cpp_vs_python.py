@@ -37,14 +37,15 @@ def python_worker(spec: str, prompt: list[int], new_tokens: int, repeat: int, th
     import onnxruntime
 
     from doge_export.backends.ort import OrtRunner
-    from doge_export.bench import _RELU_ONNX, _rss_mb
+    from doge_export.bench_worker import _RELU_ONNX, _rss_mb
     from doge_export.generate import decode_step, prefill
     from doge_export.manifest import load_manifest
 
     onnxruntime.InferenceSession(_RELU_ONNX, providers=["CPUExecutionProvider"])
     baseline = _rss_mb()
     path, _, variant = spec.partition("@")
-    runner = OrtRunner(load_manifest(path, verify=False), threads=threads, batch=1, pack_weights=variant == "packed")
+    manifest = load_manifest(path, verify=False)
+    runner = OrtRunner(manifest, threads=threads, batch=1, pack_weights=variant == "packed")
     after_load = _rss_mb()
     prefill_ms, step_ms = [], []
     for r in range(1 + repeat):
@@ -64,7 +65,7 @@ def python_worker(spec: str, prompt: list[int], new_tokens: int, repeat: int, th
     state_mib = runner.state.nbytes() / 2**20
     return {"prefill_ms": float(np.median(prefill_ms)), "step_ms": {"p50": float(np.median(step_ms))},
             "decode_tok_s": len(step_ms) / (sum(step_ms) / 1e3), "state_mib": state_mib,
-            "weights_mib": runner._manifest.data["weights"]["bytes"] / 2**20,
+            "weights_mib": manifest.data["weights"]["bytes"] / 2**20,
             "rss_mib": {"baseline": baseline, "after_load": after_load, "peak": _rss_mb("VmHWM")}}
 
 

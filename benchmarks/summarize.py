@@ -24,13 +24,13 @@ def row(name: str, report: dict) -> str:
         f"{ours['decode_tok_s']:.1f}", f"**{ours['vs_torch_generate']['decode_tok_s']:.2f}x**",
         f"{ours['latency_ms']['p50']:.2f}", f"{ours['floor_ms']:.2f}", f"{ours['floor_ratio']:.2f}",
         f"{ours['ttft_ms']:.0f} / {gen['ttft_ms']:.0f}", f"{ours['rss_budget_ratio']:.2f}", flat,
-        packed_cell(b.get("onnxruntime-packed", {})), packed_cell(b.get("onnxruntime-cpp", {})),
+        ratios_cell(b.get("onnxruntime-packed", {})), ratios_cell(b.get("onnxruntime-cpp", {})),
         f"{report['machine']['bandwidth_gb_s']['used']:.1f}", f"{load[0]:.1f}",
     ]
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
-def packed_cell(packed: dict) -> str:
+def ratios_cell(packed: dict) -> str:
     """onnxruntime-packed (fp32 weights prepacked at batch 1 too) or onnxruntime-cpp (the C++
     runtime): / generate, p50 / floor, RSS / (w+s)."""
     if packed.get("status") != "ok":

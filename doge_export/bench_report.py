@@ -22,7 +22,8 @@ from importlib import metadata
 
 import numpy as np
 
-from .bench import PROBE_WINDOW, STATE_BACKENDS, utc_now
+from .bench import utc_now
+from .bench_worker import PROBE_WINDOW, STATE_BACKENDS
 from .errors import DogeExportError
 
 LIBRARIES = ("doge-export", "numpy", "onnxruntime", "torch", "transformers", "tensorrt_rtx", "tensorrt")

@@ -16,7 +16,8 @@ import onnxruntime as ort
 import pytest
 
 from doge_export.backends.ort import OrtRunner, shared_initializers
-from doge_export.bench import BenchConfig, step_weight_bytes
+from doge_export.bench import BenchConfig
+from doge_export.bench_worker import step_weight_bytes
 from doge_export.bench_report import cpu_isa, isa_summary, isa_tag
 from doge_export.errors import DogeExportError
 from doge_export.spec import state_names

@@ -56,7 +56,7 @@ GenerateResult generate(Runner& runner, const std::vector<std::vector<int64_t>>&
   GenerateResult result;
   result.tokens.resize(B);
   auto start = std::chrono::steady_clock::now();
-  std::vector<float> logits = runner.prefill(ids, mask, positions, T);
+  const std::vector<float>& logits = runner.prefill(ids, mask, positions, T);  // step() refills it
   result.prefill_ms = ms_since(start);
   std::vector<bool> done(B, false);
   std::vector<int64_t> tokens(B);
@@ -69,11 +69,11 @@ GenerateResult generate(Runner& runner, const std::vector<std::vector<int64_t>>&
     }
     if (std::all_of(done.begin(), done.end(), [](bool d) { return d; }) || n == max_new_tokens - 1) break;
     auto step_start = std::chrono::steady_clock::now();
-    logits = runner.step(tokens, next);
+    runner.step(tokens, next);
     result.step_ms.push_back(ms_since(step_start));
     for (int64_t& p : next) ++p;
   }
-  result.last_logits = std::move(logits);
+  result.last_logits = logits;
   return result;
 }
 

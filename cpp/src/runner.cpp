@@ -60,7 +60,8 @@ Runner::Runner(Ort::Env& env, const Manifest& manifest, int64_t batch, const Run
       rows_(manifest.info, batch, elem_),
       step_ids_(batch * sizeof(int64_t)),
       step_positions_(batch * sizeof(int64_t)),
-      step_logits_(batch * manifest.info.vocab_size * logits_elem_) {
+      step_logits_(logits_elem_ == sizeof(float) ? 0 : batch * manifest.info.vocab_size * logits_elem_),
+      logits_(size_t(batch * manifest.info.vocab_size)) {
   if (info_.dtype == "bfloat16")
     throw UserError("ONNX Runtime has no bfloat16 kernels on the CPU; re-export with --dtype fp16 or fp32");
   // From lm_rows.min_batch rows on, the rows-layout graphs (§4): no prepacked copy of the tied matrix
@@ -183,7 +184,10 @@ void Runner::bind_step() {
   bind(true, "input_ids", tensor(step_ids_.data(), step_ids_.size(), {batch_, 1}, int64));
   bind(true, "position_ids", tensor(step_positions_.data(), step_positions_.size(), {batch_, 1}, int64));
   if (lm_rows_) b.BindInput(manifest_.lm_rows.input.c_str(), lm_rows_value_);
-  bind(false, "logits", tensor(step_logits_.data(), step_logits_.size(), {batch_, info_.vocab_size}, logits_type_));
+  bool float_logits = logits_type_ == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;  // then written where they are returned
+  void* logits = float_logits ? static_cast<void*>(logits_.data()) : step_logits_.data();
+  size_t logits_bytes = float_logits ? logits_.size() * sizeof(float) : step_logits_.size();
+  bind(false, "logits", tensor(logits, logits_bytes, {batch_, info_.vocab_size}, logits_type_));
   for (int64_t l = 0; l < info_.num_layers; ++l) {
     for (const char* f : kFields) bind(true, layer_name(f, l), state_view(f, l, state_.width()));
     const Bytes* row[] = {&rows_.new_key[l], &rows_.new_value[l], &rows_.new_bias[l], &rows_.slot[l]};
@@ -194,7 +198,7 @@ void Runner::bind_step() {
   }
 }
 
-std::vector<float> Runner::prefill(const std::vector<int64_t>& ids, const std::vector<int64_t>& mask,
+const std::vector<float>& Runner::prefill(const std::vector<int64_t>& ids, const std::vector<int64_t>& mask,
                                    const std::vector<int64_t>& positions, int64_t T) {
   std::vector<int64_t> shape = {batch_, T};
   size_t bytes = size_t(batch_ * T) * sizeof(int64_t);
@@ -215,21 +219,20 @@ std::vector<float> Runner::prefill(const std::vector<int64_t>& ids, const std::v
   int64_t stride = info_.full_logits ? T * info_.vocab_size : info_.vocab_size;
   int64_t last = info_.full_logits ? (T - 1) * info_.vocab_size : 0;
   const uint8_t* raw = static_cast<const uint8_t*>(out.GetTensorRawData());
-  std::vector<float> logits(size_t(batch_ * info_.vocab_size));
   for (int64_t b = 0; b < batch_; ++b)
-    to_float(raw + (b * stride + last) * logits_elem_, info_.vocab_size, &logits[b * info_.vocab_size]);
-  return logits;
+    to_float(raw + (b * stride + last) * logits_elem_, info_.vocab_size, &logits_[b * info_.vocab_size]);
+  return logits_;
 }
 
-std::vector<float> Runner::step(const std::vector<int64_t>& ids, const std::vector<int64_t>& positions) {
+const std::vector<float>& Runner::step(const std::vector<int64_t>& ids, const std::vector<int64_t>& positions) {
   std::memcpy(step_ids_.data(), ids.data(), step_ids_.size());
   std::memcpy(step_positions_.data(), positions.data(), step_positions_.size());
   step_->Run(Ort::RunOptions{nullptr}, *step_binding_);
   state_.write_rows(rows_, step_positions_.as<int64_t>());
   if (narrowing_ && state_.advance()) bind_step();
-  std::vector<float> logits(size_t(batch_ * info_.vocab_size));
-  to_float(step_logits_.data(), batch_ * info_.vocab_size, logits.data());
-  return logits;
+  if (logits_type_ != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)  // fp32 logits were written into logits_
+    to_float(step_logits_.data(), batch_ * info_.vocab_size, logits_.data());
+  return logits_;
 }
 
 void Runner::to_float(const uint8_t* logits, int64_t count, float* out) const {

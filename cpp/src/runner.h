@@ -31,11 +31,13 @@ class Runner {
   Runner(Ort::Env& env, const Manifest& manifest, int64_t batch, const RunnerOptions& options);
   ~Runner();
 
-  // ids, mask, positions: [B,T] int64, left-padded (§3). Returns logits [B,V] as float.
-  std::vector<float> prefill(const std::vector<int64_t>& ids, const std::vector<int64_t>& mask,
-                             const std::vector<int64_t>& positions, int64_t T);
-  // ids, positions: [B] (§4). Returns logits [B,V] as float; the state is updated in place.
-  std::vector<float> step(const std::vector<int64_t>& ids, const std::vector<int64_t>& positions);
+  // ids, mask, positions: [B,T] int64, left-padded (§3). Returns logits [B,V] as float, in a
+  // buffer of the runner that the next prefill or step overwrites.
+  const std::vector<float>& prefill(const std::vector<int64_t>& ids, const std::vector<int64_t>& mask,
+                                    const std::vector<int64_t>& positions, int64_t T);
+  // ids, positions: [B] (§4). Returns logits [B,V] as float (the same buffer as prefill's); the
+  // state is updated in place.
+  const std::vector<float>& step(const std::vector<int64_t>& ids, const std::vector<int64_t>& positions);
 
   int64_t batch() const { return batch_; }
   const StateBuffers& state() const { return state_; }
@@ -68,7 +70,9 @@ class Runner {
   std::unique_ptr<Ort::Session> prefill_, step_;
   StateBuffers state_;
   RowBuffers rows_;
-  Bytes step_ids_, step_positions_, step_logits_;
+  Bytes step_ids_, step_positions_;
+  Bytes step_logits_;               // the step's logits when they are not float32 (fp16 artifacts)
+  std::vector<float> logits_;       // [B,V] float: what prefill and step return; fp32 steps write it
   std::vector<Ort::Value> prefill_values_, step_values_;  // what the bindings were given
   std::unique_ptr<Ort::IoBinding> prefill_binding_, step_binding_;
 };

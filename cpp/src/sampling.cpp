@@ -18,14 +18,16 @@ Sampler::Sampler(const SamplingConfig& config) : config_(config), rng_(config.se
 int64_t Sampler::next(const float* logits, int64_t V) {
   if (config_.greedy()) return int64_t(std::max_element(logits, logits + V) - logits);
   // candidates, most likely first (ties: the lower id first, as a stable sort does)
-  std::vector<int64_t> order(static_cast<size_t>(V));
+  std::vector<int64_t>& order = order_;
+  order.resize(size_t(V));
   std::iota(order.begin(), order.end(), 0);
   int64_t keep = config_.top_k > 0 ? std::min(config_.top_k, V) : V;
   auto more_likely = [&](int64_t a, int64_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); };
   std::partial_sort(order.begin(), order.begin() + keep, order.end(), more_likely);
   order.resize(size_t(keep));
   // softmax of logits / temperature over the candidates, in double
-  std::vector<double> p(order.size());
+  std::vector<double>& p = p_;
+  p.resize(order.size());
   double top = logits[order[0]] / double(config_.temperature), total = 0;
   for (size_t i = 0; i < order.size(); ++i) total += p[i] = std::exp(logits[order[i]] / double(config_.temperature) - top);
   // top-p: keep the smallest prefix whose mass reaches top_p (at least one token)

@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <random>
+#include <vector>
 
 namespace doge {
 
@@ -25,6 +26,8 @@ class Sampler {
  private:
   SamplingConfig config_;
   std::mt19937_64 rng_;
+  std::vector<int64_t> order_;  // candidate ids, most likely first (reused: V entries per call)
+  std::vector<double> p_;       // their unnormalized probabilities
 };
 
 }  // namespace doge
