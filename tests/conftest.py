@@ -40,6 +40,19 @@ def artifacts(tmp_path_factory):
     return make
 
 
+def mapped_resident_kib(path: Path, pid: int | str = "self") -> int | None:
+    """KiB of `path` resident in process `pid`'s mappings of it (/proc/PID/smaps); None: not mapped."""
+    resident, mapped, current = 0, False, False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line: range perms offset dev inode [path]
+            current = len(fields) >= 6 and Path(fields[5]) == Path(path).resolve()
+            mapped |= current
+        elif current and fields[0] == "Rss:":
+            resident += int(fields[1])
+    return resident if mapped else None
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `doge-export ARGS` in a fresh interpreter (exit code, stdout, stderr as the user sees them)."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}

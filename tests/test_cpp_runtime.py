@@ -18,11 +18,12 @@ import sys
 import numpy as np
 import pytest
 
+from doge_export.backends.cpp import CppServer
 from doge_export.backends.torch import TorchRunner
 from doge_export.generate import GenerateConfig, decode_step, generate, prefill
 from doge_export.runtime import open_runner
 
-from conftest import CROSSING, REPO, run_cli
+from conftest import CROSSING, REPO, mapped_resident_kib, run_cli
 from parity import varied_prompts
 
 PROMPTS = [[0, 5, 9, 17], [3, 4], list(range(1, 21))]  # left-padded to 20
@@ -131,6 +132,14 @@ def test_cpp_runs_quantized_weights_with_one_shared_packed_copy(doge_run, artifa
     assert_same_generation(doge_run, manifest, PROMPTS, 40)
     out = json.loads(run_cpp(doge_run, manifest.folder, PROMPTS[:1], 4).stdout)
     assert out["options"]["packed"] is True
+    # weights.bin mapped, its pages handed back once both sessions hold the packed copy
+    weights = manifest.path(manifest.data["weights"]["file"])
+    server = CppServer(manifest.folder, batch=1)
+    try:
+        assert mapped_resident_kib(weights, server.process.pid) == 0
+        assert server.generate(PROMPTS[:1], 8)["tokens"] == python_greedy(manifest, PROMPTS[:1], 8)[0]
+    finally:
+        server.close()
 
 
 def test_cpp_stops_rows_at_a_stop_id_like_generate(doge_run, artifacts):

@@ -11,6 +11,8 @@ import pytest
 from doge_export import spec
 from doge_export.errors import DogeExportError
 from doge_export.manifest import MANIFEST_NAME, load_manifest
+from doge_export.onnx_weights import INLINE_LIMIT
+from doge_export.rope import RotaryFromPositions
 
 
 def test_manifest_describes_everything_a_runtime_needs(artifacts):
@@ -44,15 +46,24 @@ def test_both_graphs_share_one_weights_file_without_duplicates(artifacts):
     params = sum(p.numel() for p in loaded.model.parameters())  # tied: the embedding counted once
     vocab = loaded.config.vocab_size
     weights = manifest.path("weights.bin").stat().st_size
-    # the lm_head/embedding is stored once; the only extra is layer 0's per-token bias table
-    assert weights <= (params + vocab * loaded.config.num_key_value_heads) * 4 + 64 * 200
-    locations = set()
+    rope = RotaryFromPositions(loaded.config, manifest.info.max_context).inv_freq_table
+    # the lm_head/embedding is stored once; the only extras are layer 0's per-token bias table
+    # and the dynamic-RoPE inverse-frequency table (a Constant of the exported graphs)
+    assert rope.shape[0] > 1000  # Doge-20M's RoPE is dynamic: one row per seq_len up to max_context
+    assert weights <= (params + vocab * loaded.config.num_key_value_heads + rope.numel()) * 4 + 64 * 200
+    locations, external = set(), {}
     for graph in ("prefill", "step"):
         model = onnx.load(str(manifest.graph_file(graph)), load_external_data=False)
         for t in model.graph.initializer:
             if t.data_location == onnx.TensorProto.EXTERNAL:
                 locations.add({e.key: e.value for e in t.external_data}["location"])
+                external.setdefault(graph, set()).add((t.name, tuple(t.dims)))
+        # no tensor of a KiB or more stays inside a graph, where each session would hold its own copy
+        assert not [n.output[0] for n in model.graph.node if n.op_type == "Constant"
+                    and len(onnx.numpy_helper.to_array(n.attribute[0].t).tobytes()) >= INLINE_LIMIT]
     assert locations == {"weights.bin"}
+    table = [name for name, dims in external["step"] & external["prefill"] if dims == tuple(rope.shape)]
+    assert len(table) == 1  # one region of weights.bin, shared by both graphs
     assert sum(1 for _ in manifest.data["weights"]["tensors"]) >= loaded.config.num_hidden_layers
 
 

@@ -11,7 +11,7 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from conftest import assert_user_error, run_cli
+from conftest import assert_user_error, mapped_resident_kib, run_cli
 from doge_export.backends.ort import OrtRunner
 from doge_export.errors import DogeExportError
 from doge_export.export_onnx import ExportConfig
@@ -89,6 +89,26 @@ def test_quantized_artifact_records_quality_and_runs(artifacts, mode):
     with OrtRunner(manifest) as runner:
         tokens = generate(runner, [[5, 6, 7]], GenerateConfig(max_new_tokens=8, stop_ids=())).tokens
     assert len(tokens[0]) == 8
+
+
+def test_quantized_weights_are_mapped_and_handed_back_once_the_sessions_are_built(artifacts):
+    """Both sessions prepack quantized weights, so the runner maps weights.bin and releases the
+    mapped pages once they are built: none stay resident until a kernel reads them again, and
+    what is read again (the embedding rows) faults back in with the same bytes."""
+    manifest, _ = artifacts("tiny", seed=2, quantize="int4")
+    path = manifest.path(manifest.data["weights"]["file"])
+    config = GenerateConfig(max_new_tokens=12, stop_ids=())
+    with OrtRunner(manifest) as runner:
+        assert mapped_resident_kib(path) == 0
+        first = generate(runner, [[5, 6, 7], [9, 10, 11]], config).tokens
+        assert 0 < mapped_resident_kib(path) <= path.stat().st_size // 1024 + 4
+        runner._mapped.release()
+        assert mapped_resident_kib(path) == 0
+        again = generate(runner, [[5, 6, 7], [9, 10, 11]], config).tokens
+    assert again == first
+    fp32 = artifacts("tiny", seed=2)[0]
+    with OrtRunner(fp32) as runner:  # fp32 weights: read into memory (their unpacked kernels stream them)
+        assert mapped_resident_kib(fp32.path(fp32.data["weights"]["file"])) is None
 
 
 def test_quantized_artifact_refuses_parity_validation(artifacts):

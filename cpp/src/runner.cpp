@@ -56,7 +56,6 @@ Runner::Runner(Ort::Env& env, const Manifest& manifest, int64_t batch, const Run
       elem_(type_size(state_type_)),
       logits_elem_(type_size(logits_type_)),
       cpu_(Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault)),
-      state_(manifest.info, batch, elem_),
       rows_(manifest.info, batch, elem_),
       step_ids_(batch * sizeof(int64_t)),
       step_positions_(batch * sizeof(int64_t)),
@@ -82,7 +81,12 @@ Runner::Runner(Ort::Env& env, const Manifest& manifest, int64_t batch, const Run
   const std::string& prefill_file = lm_rows_ ? manifest.lm_rows.prefill_file : manifest.prefill_file;
   const std::string& step_file = lm_rows_ ? manifest.lm_rows.step_file : manifest.step_file;
   prefill_ = std::make_unique<Ort::Session>(env, prefill_file.c_str(), prefill_opts, prepacked_);
+  mapped_.release();
   step_ = std::make_unique<Ort::Session>(env, step_file.c_str(), step_opts, prepacked_);
+  mapped_.release();  // the step session read them again to find its packed copies
+  // the state (zero-filled, all C slots) only now: its bytes and the load's transients (the
+  // mapped weights read for packing, the container's repacking) never add up in the peak RSS
+  state_.emplace(manifest.info, batch, elem_);
   prefill_binding_ = std::make_unique<Ort::IoBinding>(*prefill_);
   step_binding_ = std::make_unique<Ort::IoBinding>(*step_);
   bind_prefill_outputs();
@@ -121,20 +125,32 @@ Ort::SessionOptions Runner::session_options(int threads, bool prepack, bool pref
 // weights.bin read once into one aligned block; every tensor of the manifest a view of it,
 // registered as a shared initializer of both sessions (§1.4). With the rows-layout graphs the
 // tied matrix is left out of that block and held once, transposed: their input (§4).
+// Quantized weights are mapped instead: both sessions prepack every matrix (one shared packed
+// copy), so after the sessions are built the runtime releases the mapped pages (MappedFile);
+// fp32 weights stay read into anonymous memory, which the unpacked kernels stream from huge
+// pages (buffer.h).
 void Runner::load_weights() {
   const LmRows& rows = manifest_.lm_rows;
   const WeightTensor* tied = nullptr;
   for (const WeightTensor& t : manifest_.tensors)
     if (lm_rows_ && t.name == rows.tensor) tied = &t;
-  weights_ = tied ? read_weights(manifest_.weights_file, tied->offset, tied->length)
-                  : read_weights(manifest_.weights_file);
+  uint8_t* base = nullptr;
+  size_t size = 0;
+  if (manifest_.quantized && !tied) {
+    mapped_ = MappedFile(manifest_.weights_file);
+    base = mapped_.data(), size = mapped_.size();
+  } else {
+    weights_ = tied ? read_weights(manifest_.weights_file, tied->offset, tied->length)
+                    : read_weights(manifest_.weights_file);
+    base = weights_.data(), size = weights_.size();
+  }
   for (const WeightTensor& t : manifest_.tensors) {
     if (&t == tied) continue;
     uint64_t offset = tied && t.offset >= tied->offset ? t.offset - tied->length : t.offset;
-    if (offset + t.length > weights_.size())
+    if (offset + t.length > size)
       throw UserError(manifest_.weights_file + " is shorter than its manifest says; re-export the artifact");
     weight_names_.push_back(t.name);
-    weight_values_.push_back(tensor(weights_.data() + offset, t.length, t.shape, onnx_type(t.dtype)));
+    weight_values_.push_back(tensor(base + offset, t.length, t.shape, onnx_type(t.dtype)));
   }
   if (tied) {
     lm_rows_matrix_ = read_transposed(manifest_.weights_file, *tied);
@@ -155,7 +171,7 @@ Ort::Value Runner::state_view(const char* field, int64_t layer, int64_t width) c
   if (kv) shape.push_back(info_.head_dim);
   auto type = position ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : state_type_;
   size_t count = size_t(batch_ * info_.num_kv_heads * width * (kv ? info_.head_dim : 1));
-  return tensor(state_.field(field, layer), count * type_size(type), shape, type);
+  return tensor(state_->field(field, layer), count * type_size(type), shape, type);
 }
 
 // Prefill writes all C slots of every state tensor straight into the state buffers (§3).
@@ -189,7 +205,7 @@ void Runner::bind_step() {
   size_t logits_bytes = float_logits ? logits_.size() * sizeof(float) : step_logits_.size();
   bind(false, "logits", tensor(logits, logits_bytes, {batch_, info_.vocab_size}, logits_type_));
   for (int64_t l = 0; l < info_.num_layers; ++l) {
-    for (const char* f : kFields) bind(true, layer_name(f, l), state_view(f, l, state_.width()));
+    for (const char* f : kFields) bind(true, layer_name(f, l), state_view(f, l, state_->width()));
     const Bytes* row[] = {&rows_.new_key[l], &rows_.new_value[l], &rows_.new_bias[l], &rows_.slot[l]};
     for (int k = 0; k < 4; ++k) {
       std::vector<int64_t> shape = k < 2 ? std::vector<int64_t>{batch_, G, D} : std::vector<int64_t>{batch_, G};
@@ -210,9 +226,9 @@ const std::vector<float>& Runner::prefill(const std::vector<int64_t>& ids, const
   prefill_binding_->BindInput("attention_mask", in_mask);
   prefill_binding_->BindInput("position_ids", in_pos);
   prefill_->Run(Ort::RunOptions{nullptr}, *prefill_binding_);
-  state_.after_prefill();
+  state_->after_prefill();
   narrowing_ = options_.attend_filled && manifest_.step_takes_slots;
-  if (narrowing_) state_.fit_width();
+  if (narrowing_) state_->fit_width();
   bind_step();
   Ort::Value out = std::move(prefill_binding_->GetOutputValues().at(0));
   // logits [B,V], or [B,T,V] with full_logits: each row's last position
@@ -228,8 +244,8 @@ const std::vector<float>& Runner::step(const std::vector<int64_t>& ids, const st
   std::memcpy(step_ids_.data(), ids.data(), step_ids_.size());
   std::memcpy(step_positions_.data(), positions.data(), step_positions_.size());
   step_->Run(Ort::RunOptions{nullptr}, *step_binding_);
-  state_.write_rows(rows_, step_positions_.as<int64_t>());
-  if (narrowing_ && state_.advance()) bind_step();
+  state_->write_rows(rows_, step_positions_.as<int64_t>());
+  if (narrowing_ && state_->advance()) bind_step();
   if (logits_type_ != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)  // fp32 logits were written into logits_
     to_float(step_logits_.data(), batch_ * info_.vocab_size, logits_.data());
   return logits_;

@@ -2,6 +2,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -10,6 +11,7 @@
 #include "buffer.h"
 #include "manifest.h"
 #include "state.h"
+#include "weights.h"
 
 namespace doge {
 
@@ -40,7 +42,7 @@ class Runner {
   const std::vector<float>& step(const std::vector<int64_t>& ids, const std::vector<int64_t>& positions);
 
   int64_t batch() const { return batch_; }
-  const StateBuffers& state() const { return state_; }
+  const StateBuffers& state() const { return *state_; }
   bool lm_rows() const { return lm_rows_; }
 
  private:
@@ -63,12 +65,13 @@ class Runner {
   OrtPrepackedWeightsContainer* prepacked_ = nullptr;  // one packed copy for both sessions
   bool lm_rows_ = false;            // the rows-layout graphs run (§4)
   Bytes weights_;                   // weights.bin, one copy; outlives the sessions
+  MappedFile mapped_;               // or, when every session prepacks them, weights.bin mapped
   Bytes lm_rows_matrix_;            // with lm_rows_: the tied matrix [vocab, hidden]
   Ort::Value lm_rows_value_{nullptr};
   std::vector<Ort::Value> weight_values_;
   std::vector<std::string> weight_names_;
   std::unique_ptr<Ort::Session> prefill_, step_;
-  StateBuffers state_;
+  std::optional<StateBuffers> state_;  // allocated once the sessions exist (the load's peak)
   RowBuffers rows_;
   Bytes step_ids_, step_positions_;
   Bytes step_logits_;               // the step's logits when they are not float32 (fp16 artifacts)

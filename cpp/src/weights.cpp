@@ -2,7 +2,13 @@
 
 #include <cstdio>
 #include <memory>
+#include <utility>
 #include <vector>
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "errors.h"
 
@@ -23,6 +29,38 @@ void read_exactly(FILE* f, const std::string& path, uint64_t offset, uint8_t* ou
 }
 
 }  // namespace
+
+MappedFile::MappedFile(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw UserError("cannot read " + path);
+  struct stat info {};
+  if (::fstat(fd, &info) != 0 || info.st_size == 0) {
+    ::close(fd);
+    throw UserError("cannot read " + path + " (empty or unreadable); re-export the artifact");
+  }
+  void* p = ::mmap(nullptr, size_t(info.st_size), PROT_READ, MAP_PRIVATE, fd, 0);
+  ::close(fd);  // the mapping keeps the file
+  if (p == MAP_FAILED) throw UserError("cannot map " + path + " into memory");
+  data_ = static_cast<uint8_t*>(p);
+  size_ = size_t(info.st_size);
+}
+
+MappedFile::MappedFile(MappedFile&& other) noexcept
+    : data_(std::exchange(other.data_, nullptr)), size_(std::exchange(other.size_, 0)) {}
+
+MappedFile& MappedFile::operator=(MappedFile&& other) noexcept {
+  std::swap(data_, other.data_);
+  std::swap(size_, other.size_);
+  return *this;
+}
+
+MappedFile::~MappedFile() {
+  if (data_) ::munmap(data_, size_);
+}
+
+void MappedFile::release() const {
+  if (data_) ::madvise(data_, size_, MADV_DONTNEED);
+}
 
 Bytes read_weights(const std::string& path, uint64_t skip_offset, uint64_t skip_length) {
   File f = open_file(path);

@@ -8,6 +8,30 @@
 
 namespace doge {
 
+// A file mapped read-only (MAP_PRIVATE, never written): its pages come from the page cache on
+// first touch, and release() hands the resident ones back without losing anything (a later read
+// faults them in again, the same bytes). For weights that every session prepacks, the runtime
+// releases them once the sessions hold their packed copy: what stays resident is what the
+// kernels still read (an embedding row per token, norms), not a second copy of every matrix.
+class MappedFile {
+ public:
+  MappedFile() = default;
+  explicit MappedFile(const std::string& path);
+  MappedFile(MappedFile&& other) noexcept;
+  MappedFile& operator=(MappedFile&& other) noexcept;
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+  ~MappedFile();
+
+  uint8_t* data() const { return data_; }
+  size_t size() const { return size_; }
+  void release() const;  // resident pages back to the page cache (madvise MADV_DONTNEED)
+
+ private:
+  uint8_t* data_ = nullptr;
+  size_t size_ = 0;
+};
+
 // The file's bytes without [skip_offset, skip_offset + skip_length), in one block: a tensor at
 // offset o >= skip_offset + skip_length then sits at o - skip_length.
 Bytes read_weights(const std::string& path, uint64_t skip_offset = 0, uint64_t skip_length = 0);

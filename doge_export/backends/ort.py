@@ -2,6 +2,8 @@
 
 Imports neither torch nor transformers (a deployment box needs numpy + onnxruntime only).
 - Weights: weights.bin is read once into memory and handed to both sessions as shared initializers.
+  Quantized weights are mapped instead (MappedWeights): every session prepacks them, and the
+  runner hands the mapped pages back once the sessions are built.
 - State: numpy arrays per layer (state.py), bound once through IO binding; prefill writes its
   state outputs straight into them, the step reads them in place, and the runtime writes only the
   new row of each layer into its slot (one indexed numpy write per buffer for all layers).
@@ -32,6 +34,7 @@ Imports neither torch nor transformers (a deployment box needs numpy + onnxrunti
 
 from __future__ import annotations
 
+import mmap
 
 import numpy as np
 import onnxruntime as ort
@@ -79,15 +82,36 @@ def read_span(path, start: int, stop: int) -> np.ndarray:
     return buffer
 
 
-def shared_initializers(manifest: Manifest, without: str | None = None) -> dict[str, ort.OrtValue]:
+class MappedWeights:
+    """weights.bin mapped read-only. For weights every session prepacks (MatMulNBits): once the
+    sessions hold their packed copies, release() hands the resident pages back to the page cache,
+    and what the kernels still read (an embedding row per token, norms) faults back in, the same
+    bytes. Int4 Doge-60M, C++ runtime: peak RSS 1.89 -> 1.58 x (weights + state), 2026-12-03.
+    fp32 weights are read instead (read_span: huge pages for the unpacked kernels)."""
+
+    def __init__(self, path):
+        with open(path, "rb") as f:
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.array = np.frombuffer(self._map, np.uint8)
+
+    def release(self) -> None:
+        self._map.madvise(mmap.MADV_DONTNEED)
+
+
+def shared_initializers(manifest: Manifest, without: str | None = None,
+                        mapped: MappedWeights | None = None) -> dict[str, ort.OrtValue]:
     """OrtValues over one in-memory copy of weights.bin, one per listed tensor (views, no copies);
-    `without`: a tensor left out and never read (ort_rows: the runner reads it transposed)."""
+    `without`: a tensor left out and never read (ort_rows: the runner reads it transposed);
+    `mapped`: views of that mapping instead of a copy read into memory."""
     weights = manifest.data["weights"]
     path = manifest.path(weights["file"])
     skipped = next((t for t in weights["tensors"] if t["name"] == without), None)
     size = path.stat().st_size
     cut = (skipped["offset"], skipped["offset"] + skipped["length"]) if skipped else (size, size)
-    spans = [(0, read_span(path, 0, cut[0])), (cut[1], read_span(path, cut[1], size))]
+    if mapped is not None and skipped is None:
+        spans = [(0, mapped.array), (size, None)]
+    else:
+        spans = [(0, read_span(path, 0, cut[0])), (cut[1], read_span(path, cut[1], size))]
     values = {}
     for t in weights["tensors"]:
         if t is skipped:
@@ -175,6 +199,7 @@ class OrtRunner(Runner):
         if pack_weights:
             self.name = PACKED_BACKEND
         self._weights: dict | None = None  # must outlive the sessions
+        self._mapped: MappedWeights | None = None
         if lm_layout not in ("auto", "rows", "columns"):
             raise DogeExportError(f"lm_layout {lm_layout!r}: choose auto, rows or columns")
         self._rows = rows_entry(manifest) if self._providers == ["CPUExecutionProvider"] else None
@@ -201,10 +226,16 @@ class OrtRunner(Runner):
         self.prefill_session = session_from_onnx(graphs["prefill"], self._weights, self._providers,
                                                  self._threads, prepack=self._prepack, batch=batch, spin=self._spin,
                                                  mem_pattern=False, priority_order=True)
+        self._release_mapped()
         self.step_session = session_from_onnx(graphs["step"], self._weights, self._providers,
                                               step_threads, prepack=self._prepack or self._pack_weights or batch > 1,
                                               batch=batch, spin=self._spin)
+        self._release_mapped()
         self.session_batch = batch
+
+    def _release_mapped(self) -> None:
+        if self._mapped is not None:
+            self._mapped.release()
 
     def _wants_rows(self, batch: int) -> bool:
         """The rows-layout graphs (ort_rows) for this batch size: asked for, or (auto) from min_batch on."""
@@ -217,8 +248,10 @@ class OrtRunner(Runner):
         but the input ROWS, read transposed. The old sessions, and the bindings that keep them
         alive, are released first, so the two layouts are never held together."""
         self.prefill_session = self.step_session = self._prefill_binding = self._step_binding = None
-        self._weights = self._rows_value = None
-        self._weights = shared_initializers(self._manifest, without=COLUMNS if rows else None)
+        self._weights = self._rows_value = self._mapped = None
+        if self._prepack and not rows:  # every session prepacks: map, release after building them
+            self._mapped = MappedWeights(self._manifest.path(self._manifest.data["weights"]["file"]))
+        self._weights = shared_initializers(self._manifest, without=COLUMNS if rows else None, mapped=self._mapped)
         if rows:
             weights = self._manifest.data["weights"]
             tied = next(t for t in weights["tensors"] if t["name"] == COLUMNS)
