@@ -2,6 +2,7 @@
 record, and that a quantized artifact is never used for parity checks."""
 
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -16,6 +17,7 @@ from doge_export.backends.ort import OrtRunner
 from doge_export.errors import DogeExportError
 from doge_export.export_onnx import ExportConfig
 from doge_export.generate import GenerateConfig, generate
+from doge_export.manifest import load_manifest
 from doge_export.quantize import quantize_model
 
 K, N = 64, 512
@@ -109,6 +111,19 @@ def test_quantized_weights_are_mapped_and_handed_back_once_the_sessions_are_buil
     fp32 = artifacts("tiny", seed=2)[0]
     with OrtRunner(fp32) as runner:  # fp32 weights: read into memory (their unpacked kernels stream them)
         assert mapped_resident_kib(fp32.path(fp32.data["weights"]["file"])) is None
+
+
+@pytest.mark.parametrize("quantize", ["int4", None])
+def test_a_truncated_weights_file_is_a_clear_error_mapped_or_read(artifacts, tmp_path, quantize):
+    """Without the manifest's checksums (verify=False) the runner still checks each tensor lies
+    inside weights.bin, whether it maps the file (quantized) or reads it (fp32)."""
+    source = artifacts("tiny", seed=2, **({"quantize": quantize} if quantize else {}))[0].folder
+    folder = tmp_path / "artifact"
+    shutil.copytree(source, folder)
+    weights = folder / "weights.bin"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(DogeExportError, match="shorter than its manifest says"):
+        OrtRunner(load_manifest(folder, verify=False))
 
 
 def test_quantized_artifact_refuses_parity_validation(artifacts):

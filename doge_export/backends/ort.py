@@ -35,6 +35,7 @@ Imports neither torch nor transformers (a deployment box needs numpy + onnxrunti
 from __future__ import annotations
 
 import mmap
+import os
 
 import numpy as np
 import onnxruntime as ort
@@ -92,11 +93,14 @@ class MappedWeights:
 
     def __init__(self, path):
         with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise DogeExportError(f"{path} is empty; re-export the artifact")
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self.array = np.frombuffer(self._map, np.uint8)
 
     def release(self) -> None:
-        self._map.madvise(mmap.MADV_DONTNEED)
+        if hasattr(mmap, "MADV_DONTNEED"):  # POSIX; elsewhere the pages simply stay resident
+            self._map.madvise(mmap.MADV_DONTNEED)
 
 
 def shared_initializers(manifest: Manifest, without: str | None = None,
@@ -117,6 +121,8 @@ def shared_initializers(manifest: Manifest, without: str | None = None,
     for t in weights["tensors"]:
         if t is skipped:
             continue
+        if t["offset"] + t["length"] > size:
+            raise DogeExportError(f"{path} is shorter than its manifest says; re-export the artifact")
         start, buffer = spans[0] if t["offset"] < cut[0] else spans[1]
         array = np.ndarray(tuple(t["shape"]), numpy_dtype(t["dtype"]), buffer=buffer, offset=t["offset"] - start)
         values[t["name"]] = ort.OrtValue.ortvalue_from_numpy(array)
