@@ -8,7 +8,7 @@ file on disk and a runtime can share one in-memory copy (ONNX Runtime: add_initi
 Large Constant nodes are weights too: the exporter writes tensors it computed at export (the
 dynamic-RoPE inverse-frequency table, [6145, 64] fp32, 1.5 MiB) as Constant nodes inside each
 graph. Left there, every ONNX Runtime session held its own copies of it (the parsed graph and
-the initializer made from it): 3.1-3.7 MiB more per session for Doge-20M (2026-12-03). They are
+the initializer made from it): 1.5-1.9 MiB more per session for Doge-20M (2026-12-03). They are
 made initializers first, so they land in weights.bin and are shared like any weight.
 """
 
