@@ -10,6 +10,10 @@ dynamic-RoPE inverse-frequency table, [6145, 64] fp32, 1.5 MiB) as Constant node
 graph. Left there, every ONNX Runtime session held its own copies of it (the parsed graph and
 the initializer made from it): 1.5-1.9 MiB more per session for Doge-20M (2026-12-03). They are
 made initializers first, so they land in weights.bin and are shared like any weight.
+
+The listing marks the tensors that graphs Gather rows of (`"gathered": true`: the embedding, its
+quantized scales, the RoPE table): a runtime that maps weights.bin reads only a few rows of them
+per token, so it can keep their pages from being mapped 64 KiB at a time (runtime contract §4).
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from onnx import TensorProto
 
 INLINE_LIMIT = 1024  # bytes: smaller constants stay inside the graph
 ALIGN = 64  # bytes: every tensor starts on a 64-byte boundary (mmap- and SIMD-friendly)
+# op type -> the inputs it reads rows of (the data, and GatherBlockQuantized's scales)
+GATHERED_INPUTS = {"Gather": (0,), "GatherBlockQuantized": (0, 2)}
 
 
 def _raw_bytes(tensor: TensorProto) -> bytes:
@@ -47,7 +53,7 @@ def _rename_inputs(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
             raise AssertionError(f"initializer {out.name} is a graph output")
 
 
-def _canonical_name(name: str, taken: set[str]) -> str:
+def _canonical_name(name: str, taken) -> str:
     base = name if not name.startswith("onnx::") else "weight"
     candidate, n = base, 0
     while candidate in taken:
@@ -83,11 +89,12 @@ def share_weights(models: dict[str, onnx.ModelProto], out_dir: Path, file_name: 
     """
     regions: dict[tuple, tuple[str, int, int]] = {}  # content key -> (name, offset, length)
     tensors = []  # the manifest's listing: what a runtime needs to map the file itself
-    taken: set[str] = set()
+    listed: dict[str, dict] = {}  # canonical name -> its entry in tensors
     offset = 0
     with open(out_dir / file_name, "wb") as f:
         for model in models.values():
             constants_to_initializers(model.graph)
+            gathered = _gathered_names(model.graph)
             renames = {}
             for tensor in model.graph.initializer:
                 data = _raw_bytes(tensor)
@@ -99,11 +106,13 @@ def share_weights(models: dict[str, onnx.ModelProto], out_dir: Path, file_name: 
                     f.write(b"\0" * pad)
                     offset += pad
                     f.write(data)
-                    regions[key] = (_canonical_name(tensor.name, taken), offset, len(data))
-                    taken.add(regions[key][0])
+                    regions[key] = (_canonical_name(tensor.name, listed), offset, len(data))
                     tensors.append(_listing(tensor, *regions[key]))
+                    listed[regions[key][0]] = tensors[-1]
                     offset += len(data)
                 name, start, length = regions[key]
+                if tensor.name in gathered:
+                    listed[name]["gathered"] = True
                 if tensor.name != name:
                     renames[tensor.name] = name
                 tensor.name = name
@@ -111,6 +120,11 @@ def share_weights(models: dict[str, onnx.ModelProto], out_dir: Path, file_name: 
             _rename_inputs(model.graph, renames)
             _dedupe_initializer_list(model.graph)
     return {"file": file_name, "bytes": offset, "tensors": tensors}
+
+
+def _gathered_names(graph: onnx.GraphProto) -> set[str]:
+    return {node.input[i] for node in graph.node for i in GATHERED_INPUTS.get(node.op_type, ())
+            if i < len(node.input)}
 
 
 def _listing(tensor: TensorProto, name: str, offset: int, length: int) -> dict:

@@ -40,17 +40,32 @@ def artifacts(tmp_path_factory):
     return make
 
 
-def mapped_resident_kib(path: Path, pid: int | str = "self") -> int | None:
-    """KiB of `path` resident in process `pid`'s mappings of it (/proc/PID/smaps); None: not mapped."""
-    resident, mapped, current = 0, False, False
+def mapped_regions(path: Path, pid: int | str = "self") -> list[tuple[int, int]]:
+    """(file offset, resident KiB) of each region of process `pid`'s mappings of `path` (/proc/PID/smaps)."""
+    regions, current = [], False
     for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
         fields = line.split()
         if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line: range perms offset dev inode [path]
             current = len(fields) >= 6 and Path(fields[5]) == Path(path).resolve()
-            mapped |= current
+            if current:
+                regions.append([int(fields[2], 16), 0])
         elif current and fields[0] == "Rss:":
-            resident += int(fields[1])
-    return resident if mapped else None
+            regions[-1][1] = int(fields[1])
+    return [tuple(r) for r in regions]
+
+
+def mapped_resident_kib(path: Path, pid: int | str = "self") -> int | None:
+    """KiB of `path` resident in process `pid`'s mappings of it; None: not mapped."""
+    regions = mapped_regions(path, pid)
+    return sum(kib for _, kib in regions) if regions else None
+
+
+def gathered_pages(manifest) -> int:
+    """Pages of weights.bin the tensors listed as gathered span (each its own mapping region)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    spans = {p for t in manifest.data["weights"]["tensors"] if t.get("gathered")
+             for p in range(t["offset"] // page, -(-(t["offset"] + t["length"]) // page))}
+    return len(spans)
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:

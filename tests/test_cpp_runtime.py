@@ -23,7 +23,7 @@ from doge_export.backends.torch import TorchRunner
 from doge_export.generate import GenerateConfig, decode_step, generate, prefill
 from doge_export.runtime import open_runner
 
-from conftest import CROSSING, REPO, mapped_resident_kib, run_cli
+from conftest import CROSSING, REPO, gathered_pages, mapped_regions, mapped_resident_kib, run_cli
 from parity import varied_prompts
 
 PROMPTS = [[0, 5, 9, 17], [3, 4], list(range(1, 21))]  # left-padded to 20
@@ -137,6 +137,8 @@ def test_cpp_runs_quantized_weights_with_one_shared_packed_copy(doge_run, artifa
     server = CppServer(manifest.folder, batch=1)
     try:
         assert mapped_resident_kib(weights, server.process.pid) == 0
+        # the tensors read a row at a time: one mapping region per page (no 64 KiB fault-around)
+        assert len(mapped_regions(weights, server.process.pid)) >= gathered_pages(manifest) > 0
         assert server.generate(PROMPTS[:1], 8)["tokens"] == python_greedy(manifest, PROMPTS[:1], 8)[0]
     finally:
         server.close()

@@ -12,12 +12,15 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from conftest import assert_user_error, mapped_resident_kib, run_cli
-from doge_export.backends.ort import OrtRunner
+import mmap
+
+from conftest import assert_user_error, gathered_pages, mapped_regions, mapped_resident_kib, run_cli
+from doge_export.backends.ort import MappedWeights, OrtRunner
 from doge_export.errors import DogeExportError
 from doge_export.export_onnx import ExportConfig
 from doge_export.generate import GenerateConfig, generate
 from doge_export.manifest import load_manifest
+from doge_export.ort_offline import optimize_offline
 from doge_export.quantize import quantize_model
 
 K, N = 64, 512
@@ -111,6 +114,41 @@ def test_quantized_weights_are_mapped_and_handed_back_once_the_sessions_are_buil
     fp32 = artifacts("tiny", seed=2)[0]
     with OrtRunner(fp32) as runner:  # fp32 weights: read into memory (their unpacked kernels stream them)
         assert mapped_resident_kib(fp32.path(fp32.data["weights"]["file"])) is None
+
+
+def test_the_quantized_graphs_are_saved_optimized_and_compute_the_same(artifacts):
+    """ONNX Runtime's optimizer runs at export (level extended): far fewer nodes for a session to
+    hold, the same inputs and outputs, and the same numbers as the graph it was given."""
+    fp32 = artifacts("tiny", seed=2)[0]
+    assert artifacts("tiny", seed=2, quantize="int4")[0].data["quantization"]["offline_optimization"]["level"] == "extended"
+    quantized = quantize_model(onnx.load(str(fp32.graph_file("prefill"))), 4)
+    optimized = optimize_offline(quantized)
+    assert len(optimized.graph.node) < 0.7 * len(quantized.graph.node)
+    assert {n.op_type for n in optimized.graph.node} >= {"MatMulNBits", "GatherBlockQuantized", "SimplifiedLayerNormalization"}
+    ids = np.random.default_rng(0).integers(3, fp32.info.vocab_size, (2, 9))
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.tile(np.arange(9), (2, 1))}
+    given, saved = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+                    for m in (quantized, optimized))
+    for a, b in zip(given, saved):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_gathered_tensors_are_mapped_a_page_per_region(artifacts, tmp_path):
+    """The tensors read a row at a time (the manifest's `gathered`) are mapped one page per
+    region, so a read brings back its own page, not the 16 of Linux's fault-around."""
+    manifest = artifacts("tiny", seed=2, quantize="int4")[0]
+    gathered = {t["name"] for t in manifest.data["weights"]["tensors"] if t.get("gathered")}
+    assert {"lm_weight_t_Q4", "lm_weight_t_scales_gather"} <= gathered  # the embedding reads the packed bytes
+    with OrtRunner(manifest) as runner:
+        assert len(mapped_regions(manifest.path("weights.bin"))) >= gathered_pages(manifest) > 0
+        assert generate(runner, [[5, 6, 7]], GenerateConfig(max_new_tokens=4, stop_ids=())).tokens
+    page = mmap.PAGESIZE
+    path = tmp_path / "rows.bin"
+    path.write_bytes(bytes(64 * page))
+    mapped = MappedWeights(path, [{"offset": 0, "length": 64 * page}])
+    int(mapped.array[10 * page + 100])  # one row
+    resident = [kib for _, kib in mapped_regions(path) if kib]
+    assert resident == [page // 1024]  # unsplit, fault-around mapped the cached pages around it too
 
 
 @pytest.mark.parametrize("quantize", ["int4", None])

@@ -100,7 +100,7 @@ Manifest load_manifest(const std::string& folder, bool verify) {
     manifest.weights_file = manifest.path(weights.at("file"));
     for (const auto& t : weights.at("tensors"))
       manifest.tensors.push_back({t.at("name"), t.at("dtype"), t.at("shape").get<std::vector<int64_t>>(),
-                                  t.at("offset"), t.at("length")});
+                                  t.at("offset"), t.at("length"), t.value("gathered", false)});
     manifest.lm_rows = read_lm_rows(manifest);
     const json& quantization = m.value("quantization", json());
     manifest.quantized = quantization.is_object() && !quantization.value("mode", json()).is_null();

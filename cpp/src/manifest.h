@@ -13,6 +13,7 @@ struct WeightTensor {
   std::string name, dtype;
   std::vector<int64_t> shape;
   uint64_t offset = 0, length = 0;
+  bool gathered = false;  // graphs read rows of it (Gather): the embedding, its scales, RoPE
 };
 
 // model_info, with the ids a generation loop needs.

@@ -149,6 +149,7 @@ void Runner::load_weights() {
     uint64_t offset = tied && t.offset >= tied->offset ? t.offset - tied->length : t.offset;
     if (offset + t.length > size)
       throw UserError(manifest_.weights_file + " is shorter than its manifest says; re-export the artifact");
+    if (t.gathered && mapped_.data()) mapped_.split_pages(t.offset, t.length);
     weight_names_.push_back(t.name);
     weight_values_.push_back(tensor(base + offset, t.length, t.shape, onnx_type(t.dtype)));
   }

@@ -62,6 +62,14 @@ void MappedFile::release() const {
   if (data_) ::madvise(data_, size_, MADV_DONTNEED);
 }
 
+// Every other page gets MADV_RANDOM, which only changes readahead; regions whose flags differ
+// are never merged, so each page is a region of its own.
+void MappedFile::split_pages(uint64_t offset, uint64_t length) const {
+  const uint64_t page = uint64_t(::sysconf(_SC_PAGESIZE));
+  for (uint64_t p = (offset / page) | 1; p < (offset + length + page - 1) / page; p += 2)
+    ::madvise(data_ + p * page, page, MADV_RANDOM);
+}
+
 Bytes read_weights(const std::string& path, uint64_t skip_offset, uint64_t skip_length) {
   File f = open_file(path);
   std::fseek(f.get(), 0, SEEK_END);

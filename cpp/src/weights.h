@@ -26,6 +26,11 @@ class MappedFile {
   uint8_t* data() const { return data_; }
   size_t size() const { return size_; }
   void release() const;  // resident pages back to the page cache (madvise MADV_DONTNEED)
+  // One mapping region per page over [offset, offset + length), for tensors read a row at a
+  // time: on a fault Linux also maps the up to 15 cached pages around it *within the region*
+  // (fault-around), so a random prompt brought back nearly all of int4 Doge-20M's 5 MiB
+  // embedding; split, only the pages of the rows read come back (peak RSS 46.4 -> 42.5 MiB).
+  void split_pages(uint64_t offset, uint64_t length) const;
 
  private:
   uint8_t* data_ = nullptr;
