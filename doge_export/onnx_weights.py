@@ -53,7 +53,7 @@ def _rename_inputs(graph: onnx.GraphProto, renames: dict[str, str]) -> None:
             raise AssertionError(f"initializer {out.name} is a graph output")
 
 
-def _canonical_name(name: str, taken) -> str:
+def _canonical_name(name: str, taken: dict[str, dict]) -> str:
     base = name if not name.startswith("onnx::") else "weight"
     candidate, n = base, 0
     while candidate in taken:

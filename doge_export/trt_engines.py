@@ -110,11 +110,22 @@ def lint_artifact(manifest: Manifest, *, flavor: str | None, compute_capability:
     return out
 
 
+def refuse_quantized(manifest: Manifest) -> None:
+    """int8/int4 artifacts hold ONNX Runtime's CPU ops (MatMulNBits, its fusions): no TensorRT graph."""
+    mode = (manifest.data.get("quantization") or {}).get("mode")
+    if mode:
+        raise DogeExportError(
+            f"artifact '{manifest.folder}' has {mode} weights for ONNX Runtime's CPU kernels (MatMulNBits), "
+            "which TensorRT cannot build; build engines from an fp32 or fp16 export "
+            "(`doge-export onnx` without --quantize, optionally --dtype fp16)")
+
+
 def build_engines(manifest: Manifest, cfg: EngineConfig, log=print) -> dict:
     """Lint (static), build both engines, then write them and their records into the artifact.
 
     Nothing in the folder changes unless both builds succeed. Returns the manifest's "engines".
     """
+    refuse_quantized(manifest)
     bad = [f"{g}: {f}" for g in GRAPHS for f in errors(static_findings(manifest, g, cfg.batch))]
     if bad:
         raise DogeExportError("lint found errors, no engine was built:\n  " + "\n  ".join(bad))

@@ -2,6 +2,7 @@
 record, and that a quantized artifact is never used for parity checks."""
 
 import json
+import mmap
 import shutil
 
 import numpy as np
@@ -11,8 +12,6 @@ import pytest
 from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
-
-import mmap
 
 from conftest import assert_user_error, gathered_pages, mapped_regions, mapped_resident_kib, run_cli
 from doge_export.backends.ort import MappedWeights, OrtRunner
@@ -167,3 +166,11 @@ def test_a_truncated_weights_file_is_a_clear_error_mapped_or_read(artifacts, tmp
 def test_quantized_artifact_refuses_parity_validation(artifacts):
     manifest, _ = artifacts("tiny", seed=2, quantize="int8")
     assert_user_error(run_cli("validate", str(manifest.folder)), "never checked for parity", "top-1")
+
+
+def test_quantized_artifact_refuses_a_tensorrt_build(artifacts):
+    """One clear error instead of a lint report per MatMulNBits and fusion; nothing written."""
+    manifest, _ = artifacts("tiny", seed=2, quantize="int4")
+    before = sorted(p.name for p in manifest.folder.iterdir())
+    assert_user_error(run_cli("trt", str(manifest.folder)), "int4 weights", "without --quantize")
+    assert sorted(p.name for p in manifest.folder.iterdir()) == before
