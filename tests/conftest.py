@@ -68,6 +68,26 @@ def gathered_pages(manifest) -> int:
     return len(spans)
 
 
+def saved_by_a_future_onnxruntime(source: Path, folder: Path) -> Path:
+    """A copy of quantized artifact `source` whose step graph has an op this ONNX Runtime lacks,
+    as a newer one's optimizer might write, recorded as saved by onnxruntime 99.0.0 (load it
+    without verifying checksums)."""
+    import json
+    import shutil
+
+    import onnx
+
+    shutil.copytree(source, folder)
+    step = onnx.load(str(folder / "step.onnx"), load_external_data=False)
+    node = next(n for n in step.graph.node if n.domain == "com.microsoft" and n.op_type != "MatMulNBits")
+    node.op_type += "V99"
+    onnx.save(step, str(folder / "step.onnx"))
+    manifest = json.loads((folder / "doge_export.json").read_text())
+    manifest["quantization"]["offline_optimization"]["onnxruntime"] = "99.0.0"
+    (folder / "doge_export.json").write_text(json.dumps(manifest))
+    return folder
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `doge-export ARGS` in a fresh interpreter (exit code, stdout, stderr as the user sees them)."""
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}

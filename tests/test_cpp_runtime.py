@@ -23,7 +23,8 @@ from doge_export.backends.torch import TorchRunner
 from doge_export.generate import GenerateConfig, decode_step, generate, prefill
 from doge_export.runtime import open_runner
 
-from conftest import CROSSING, REPO, gathered_pages, mapped_regions, mapped_resident_kib, run_cli
+from conftest import (CROSSING, REPO, gathered_pages, mapped_regions, mapped_resident_kib, run_cli,
+                      saved_by_a_future_onnxruntime)
 from parity import varied_prompts
 
 PROMPTS = [[0, 5, 9, 17], [3, 4], list(range(1, 21))]  # left-padded to 20
@@ -142,6 +143,14 @@ def test_cpp_runs_quantized_weights_with_one_shared_packed_copy(doge_run, artifa
         assert server.generate(PROMPTS[:1], 8)["tokens"] == python_greedy(manifest, PROMPTS[:1], 8)[0]
     finally:
         server.close()
+
+
+def test_cpp_names_the_onnxruntime_that_saved_graphs_it_cannot_load(doge_run, artifacts, tmp_path):
+    folder = saved_by_a_future_onnxruntime(artifacts("tiny", seed=2, quantize="int4")[0].folder, tmp_path / "future")
+    result = run_cpp(doge_run, folder, PROMPTS[:1], 2, "--no-verify")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "99.0.0 saved optimized" in errors[0] and ">= 99.0.0" in errors[0], result.stderr
 
 
 def test_cpp_stops_rows_at_a_stop_id_like_generate(doge_run, artifacts):

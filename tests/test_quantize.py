@@ -13,7 +13,8 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from conftest import assert_user_error, gathered_pages, mapped_regions, mapped_resident_kib, run_cli
+from conftest import (assert_user_error, gathered_pages, mapped_regions, mapped_resident_kib, run_cli,
+                      saved_by_a_future_onnxruntime)
 from doge_export.backends.ort import MappedWeights, OrtRunner
 from doge_export.errors import DogeExportError
 from doge_export.export_onnx import ExportConfig
@@ -174,3 +175,10 @@ def test_quantized_artifact_refuses_a_tensorrt_build(artifacts):
     before = sorted(p.name for p in manifest.folder.iterdir())
     assert_user_error(run_cli("trt", str(manifest.folder)), "int4 weights", "without --quantize")
     assert sorted(p.name for p in manifest.folder.iterdir()) == before
+
+
+def test_graphs_saved_by_a_newer_onnxruntime_are_a_clear_error(artifacts, tmp_path):
+    source = artifacts("tiny", seed=2, quantize="int4")[0].folder
+    folder = saved_by_a_future_onnxruntime(source, tmp_path / "future")
+    with pytest.raises(DogeExportError, match=r"onnxruntime 99\.0\.0 saved optimized.*install onnxruntime>=99\.0\.0"):
+        OrtRunner(load_manifest(folder, verify=False))

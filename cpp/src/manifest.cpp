@@ -104,6 +104,8 @@ Manifest load_manifest(const std::string& folder, bool verify) {
     manifest.lm_rows = read_lm_rows(manifest);
     const json& quantization = m.value("quantization", json());
     manifest.quantized = quantization.is_object() && !quantization.value("mode", json()).is_null();
+    if (manifest.quantized && quantization.contains("offline_optimization"))
+      manifest.optimized_by = quantization.at("offline_optimization").value("onnxruntime", "");
   } catch (const json::exception& e) {
     throw UserError(manifest.path("doge_export.json") + " is incomplete (" + e.what() + "); re-export the artifact");
   }

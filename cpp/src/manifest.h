@@ -40,6 +40,7 @@ struct Manifest {
   std::string prefill_file, step_file, weights_file;  // paths inside `folder`
   std::vector<WeightTensor> tensors;
   bool quantized = false;         // MatMulNBits weights: their kernels always run prepacked
+  std::string optimized_by;       // the ONNX Runtime that saved the graphs optimized (quantized), or ""
   bool step_takes_slots = false;  // the step's state inputs take any first S of the C slots
   LmRows lm_rows;
 

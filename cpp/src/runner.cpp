@@ -80,10 +80,19 @@ Runner::Runner(Ort::Env& env, const Manifest& manifest, int64_t batch, const Run
   Ort::SessionOptions step_opts = session_options(options.step_threads, step_packs, false);
   const std::string& prefill_file = lm_rows_ ? manifest.lm_rows.prefill_file : manifest.prefill_file;
   const std::string& step_file = lm_rows_ ? manifest.lm_rows.step_file : manifest.step_file;
-  prefill_ = std::make_unique<Ort::Session>(env, prefill_file.c_str(), prefill_opts, prepacked_);
-  mapped_.release();
-  step_ = std::make_unique<Ort::Session>(env, step_file.c_str(), step_opts, prepacked_);
-  mapped_.release();  // the step session read them again to find its packed copies
+  try {
+    prefill_ = std::make_unique<Ort::Session>(env, prefill_file.c_str(), prefill_opts, prepacked_);
+    mapped_.release();
+    step_ = std::make_unique<Ort::Session>(env, step_file.c_str(), step_opts, prepacked_);
+    mapped_.release();  // the step session read them again to find its packed copies
+  } catch (const Ort::Exception& e) {
+    // graphs another ONNX Runtime saved optimized (its contrib ops and fusions): name both versions
+    std::string running = Ort::GetVersionString();
+    if (manifest.optimized_by.empty() || manifest.optimized_by == running) throw;
+    throw UserError("ONNX Runtime " + running + " cannot load the graphs of " + manifest.folder +
+                    ", which ONNX Runtime " + manifest.optimized_by + " saved optimized (" + e.what() +
+                    "); use ONNX Runtime >= " + manifest.optimized_by + " or re-export the artifact with this one");
+  }
   // the state (zero-filled, all C slots) only now: its bytes and the load's transients (the
   // mapped weights read for packing, the container's repacking) never add up in the peak RSS
   state_.emplace(manifest.info, batch, elem_);

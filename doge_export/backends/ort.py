@@ -34,6 +34,7 @@ Imports neither torch nor transformers (a deployment box needs numpy + onnxrunti
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 
@@ -191,6 +192,22 @@ def session_from_onnx(path, initializers, providers, threads: int | None, *, pre
     return ort.InferenceSession(str(path), opts, providers=providers)
 
 
+@contextlib.contextmanager
+def saved_by_another_onnxruntime(manifest: Manifest):
+    """A session that fails over graphs another ONNX Runtime saved optimized (quantized artifacts:
+    its contrib ops and fusions) is a clear error naming both versions, not ORT's message alone."""
+    saved = ((manifest.data.get("quantization") or {}).get("offline_optimization") or {}).get("onnxruntime")
+    try:
+        yield
+    except Exception as error:
+        if not saved or saved == ort.__version__:
+            raise
+        raise DogeExportError(
+            f"onnxruntime {ort.__version__} cannot load the graphs of '{manifest.folder}', which onnxruntime "
+            f"{saved} saved optimized ({str(error).splitlines()[0][:200]}); install onnxruntime>={saved} "
+            "or re-export the artifact with this one") from None
+
+
 def step_takes_slots(manifest: Manifest) -> bool:
     """Whether the step graph reads a symbolic number of slots (spec.SLOTS), i.e. any first S."""
     inputs = {i["name"]: i["shape"] for i in manifest.data["graphs"]["step"]["inputs"]}
@@ -248,14 +265,15 @@ class OrtRunner(Runner):
         if self._weights is None or rows != self.lm_rows:
             self._load_weights(rows)
         graphs = {g: self._manifest.path(self._rows["graphs"][g]) for g in self._files} if rows else self._files
-        self.prefill_session = session_from_onnx(graphs["prefill"], self._weights, self._providers,
-                                                 self._threads, prepack=self._prepack, batch=batch, spin=self._spin,
-                                                 mem_pattern=False, priority_order=True)
-        self._release_mapped()
-        self.step_session = session_from_onnx(graphs["step"], self._weights, self._providers,
-                                              step_threads, prepack=self._prepack or self._pack_weights or batch > 1,
-                                              batch=batch, spin=self._spin)
-        self._release_mapped()
+        with saved_by_another_onnxruntime(self._manifest):
+            self.prefill_session = session_from_onnx(graphs["prefill"], self._weights, self._providers,
+                                                     self._threads, prepack=self._prepack, batch=batch,
+                                                     spin=self._spin, mem_pattern=False, priority_order=True)
+            self._release_mapped()
+            self.step_session = session_from_onnx(graphs["step"], self._weights, self._providers, step_threads,
+                                                  prepack=self._prepack or self._pack_weights or batch > 1,
+                                                  batch=batch, spin=self._spin)
+            self._release_mapped()
         self.session_batch = batch
 
     def _release_mapped(self) -> None:
