@@ -1,7 +1,7 @@
 """Two artifacts of one model side by side in the C++ runtime (cpp/build/doge_run): did an export
 change make the step or the prefill slower, or the process lighter?
 
-usage: python benchmarks/artifact_ab.py OLD NEW [--rounds 8] [--threads 1] [--json FILE]
+usage: python benchmarks/artifact_ab.py OLD NEW [--rounds 8] [--threads 1] [--spin] [--json FILE]
 
 Each measurement is a fresh `doge_run --serve` process: one warm-up generation, then one measured
 (a 128-token prompt of random ids, 256 new tokens, no stop id; the same prompt for both
@@ -24,9 +24,9 @@ import numpy as np
 CPP = Path(__file__).resolve().parents[1] / "cpp" / "build" / "doge_run"
 
 
-def measure(folder: str, prompt: list[int], threads: int) -> dict:
+def measure(folder: str, prompt: list[int], threads: int, spin: bool) -> dict:
     """One fresh process: warm-up, then the measured generation."""
-    cmd = [str(CPP), folder, "--serve", "--no-verify", "--threads", str(threads)]
+    cmd = [str(CPP), folder, "--serve", "--no-verify", "--threads", str(threads)] + (["--spin"] if spin else [])
     server = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     ready = json.loads(server.stdout.readline())
     for _ in range(2):
@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("new")
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--spin", action="store_true", help="ONNX Runtime's worker threads busy-wait")
     parser.add_argument("--json")
     args = parser.parse_args()
     if not CPP.exists():
@@ -55,7 +56,7 @@ def main() -> None:
     for r in range(args.rounds):
         prompt = [0] + rng.integers(3, vocab, 127).tolist()
         for which in ("old", "new") if r % 2 == 0 else ("new", "old"):
-            runs[which].append(measure(getattr(args, which), prompt, args.threads))
+            runs[which].append(measure(getattr(args, which), prompt, args.threads, args.spin))
     report = {"command": " ".join(["python", *sys.argv]), "runs": runs, "median": {}, "new_over_old": {}}
     for field in ("step_p50_ms", "prefill_ms", "runtime_rss_mib"):
         old, new = (np.array([m[field] for m in runs[w]]) for w in ("old", "new"))
