@@ -306,3 +306,21 @@ def test_cmake_builds_the_same_runtime(doge_run, artifacts, tmp_path):
     embedded = subprocess.run([str(build / "embed"), str(manifest.folder), *map(str, PROMPTS[0])],
                               capture_output=True, text=True, timeout=60)
     assert [int(t) for t in embedded.stdout.split()] == expected[0], embedded.stderr
+
+
+def test_artifact_ab_compares_two_exports_in_the_cpp_runtime(doge_run, artifacts, tmp_path):
+    """benchmarks/artifact_ab.py: per-artifact medians and per-round ratios, the command recorded."""
+    old, new = artifacts("tiny", seed=2)[0].folder, artifacts("tiny", seed=2, quantize="int4")[0].folder
+    out = tmp_path / "ab.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "artifact_ab.py"), str(old), str(new),
+                             "--rounds", "2", "--prompt-len", "8", "--new-tokens", "6", "--json", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert "artifact_ab.py" in report["command"] and len(report["runs"]["new"]) == 2
+    for field in ("step_p50_ms", "prefill_ms", "runtime_rss_mib"):
+        assert report["median"][field]["old"] > 0 and report["median"][field]["new"] > 0
+        assert len(report["new_over_old"][field]["per_round"]) == 2
+    too_long = subprocess.run([sys.executable, str(REPO / "benchmarks" / "artifact_ab.py"), str(old), str(new),
+                               "--rounds", "1", "--prompt-len", "100000"], capture_output=True, text=True, timeout=300)
+    assert too_long.returncode == 1 and too_long.stderr.startswith("error:") and "Traceback" not in too_long.stderr
