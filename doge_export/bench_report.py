@@ -216,7 +216,7 @@ def add_speedups(backends: dict) -> None:
 
 def artifact_summary(manifest, batch: int) -> dict:
     info = manifest.info
-    quant = manifest.data.get("quantization") or {}
+    quant = manifest.quantization
     return {"folder": str(manifest.folder), "model": manifest.data["source"]["model"],
             "dtype": info.dtype, "quantization": quant.get("mode"),
             "quality_vs_fp32": quant.get("quality"), "layers": info.num_layers, "capacity": info.capacity,

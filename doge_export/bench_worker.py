@@ -90,7 +90,7 @@ def step_weight_bytes(manifest) -> int:
 def packed_is_default(manifest, batch: int) -> str | None:
     """Why onnxruntime-packed would run the same sessions as onnxruntime, or None: it differs only
     for fp32 weights (MatMulNBits always runs packed) at batch 1 (every runner prepacks above)."""
-    if manifest.info.dtype != "float32" or (manifest.data.get("quantization") or {}).get("mode"):
+    if manifest.info.dtype != "float32" or manifest.quantized:
         return "the weights are quantized or half"
     return f"at batch {batch} every runner prepacks the weights" if batch > 1 else None
 

@@ -96,11 +96,10 @@ def all_failures(reports: dict) -> list[str]:
 
 
 def refuse_quantized_parity(manifest) -> None:
-    quant = manifest.data.get("quantization")
-    if quant and quant.get("mode"):
-        q = quant.get("quality") or {}
+    if manifest.quantized:
+        q = manifest.quantization.get("quality") or {}
         raise DogeExportError(
-            f"artifact '{manifest.folder}' has {quant['mode']} weights, which are never checked for parity "
+            f"artifact '{manifest.folder}' has {manifest.quantized} weights, which are never checked for parity "
             f"against PyTorch (its quality vs the validated fp32 graphs is recorded in the manifest: top-1 "
             f"agreement {q.get('top1_agreement')}, max |dlogit| {q.get('max_abs_dlogit')}); validate an "
             "fp32 export instead (`doge-export onnx` without --quantize)"

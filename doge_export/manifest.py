@@ -65,6 +65,16 @@ class Manifest:
         return self.folder / self.data["graphs"][graph]["file"]
 
     @property
+    def quantization(self) -> dict:
+        """The manifest's "quantization" entry ({} for fp32/fp16 weights)."""
+        return self.data.get("quantization") or {}
+
+    @property
+    def quantized(self) -> str | None:
+        """"int8" / "int4" for weight-only quantized artifacts (MatMulNBits), else None."""
+        return self.quantization.get("mode")
+
+    @property
     def tokenizer_dir(self) -> Path | None:
         tok = self.data.get("tokenizer")
         return self.folder if tok and tok.get("files") else None

@@ -112,10 +112,9 @@ def lint_artifact(manifest: Manifest, *, flavor: str | None, compute_capability:
 
 def refuse_quantized(manifest: Manifest) -> None:
     """int8/int4 artifacts hold ONNX Runtime's CPU ops (MatMulNBits, its fusions): no TensorRT graph."""
-    mode = (manifest.data.get("quantization") or {}).get("mode")
-    if mode:
+    if manifest.quantized:
         raise DogeExportError(
-            f"artifact '{manifest.folder}' has {mode} weights for ONNX Runtime's CPU kernels (MatMulNBits), "
+            f"artifact '{manifest.folder}' has {manifest.quantized} weights for ONNX Runtime's CPU kernels (MatMulNBits), "
             "which TensorRT cannot build; build engines from an fp32 or fp16 export "
             "(`doge-export onnx` without --quantize, optionally --dtype fp16)")
 

@@ -196,7 +196,7 @@ def session_from_onnx(path, initializers, providers, threads: int | None, *, pre
 def saved_by_another_onnxruntime(manifest: Manifest):
     """A session that fails over graphs another ONNX Runtime saved optimized (quantized artifacts:
     its contrib ops and fusions) is a clear error naming both versions, not ORT's message alone."""
-    saved = ((manifest.data.get("quantization") or {}).get("offline_optimization") or {}).get("onnxruntime")
+    saved = (manifest.quantization.get("offline_optimization") or {}).get("onnxruntime")
     try:
         yield
     except Exception as error:
@@ -236,7 +236,7 @@ class OrtRunner(Runner):
         self._files = {g: manifest.graph_file(g) for g in ("prefill", "step")}
         # MatMulNBits (quantized artifacts) runs from its packed layout; fp32 weights stay as mapped
         # except in a step session for batch > 1 (_open_sessions)
-        self._prepack = bool((manifest.data.get("quantization") or {}).get("mode"))
+        self._prepack = bool(manifest.quantized)
         self._pack_weights = pack_weights
         if pack_weights:
             self.name = PACKED_BACKEND
