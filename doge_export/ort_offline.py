@@ -12,6 +12,12 @@ Level EXTENDED: constant folding, redundant nodes removed and ONNX Runtime's CPU
 machine-specific layout (that is level ALL, which ORT warns must not leave the machine). The
 batch dimension stays free: no dimension is specialized here.
 
+Before the graphs are saved, their shape arithmetic is rewritten to read the graph inputs
+(shape_canon.py) and optimized again: the per-layer copies then merge. Measured on int4 Doge-20M
+(2026-12-03): prefill 1526 -> 850 nodes, session 6.6 -> 4.0 MiB; step 772 -> 592 nodes, 3.9 ->
+3.2 MiB; the C++ runtime's peak RSS 42.4 -> 40.6 MiB. The rewrite is kept only where both graphs
+give the same outputs on a few prompts and states (`optimize_graphs`).
+
 Only quantized artifacts get this: their graphs run on ONNX Runtime's CPU kernels only, while
 the fp32 graphs must stay standard ONNX for TensorRT and the lint (DESIGN §2).
 """
@@ -21,7 +27,11 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
+
+from .shape_canon import outputs_agree, shapes_from_inputs
+from .spec import ModelInfo
 
 LEVEL = "extended"
 
@@ -43,6 +53,48 @@ def optimize_offline(model: onnx.ModelProto) -> onnx.ModelProto:
         result = onnx.load(str(optimized))
     _check_interface(model, result)
     return result
+
+
+def optimize_graphs(graphs: dict[str, onnx.ModelProto], info: ModelInfo, log=print) -> tuple[dict, dict]:
+    """{"prefill", "step"} -> (the same optimized and with shared shape arithmetic, the manifest's
+    record of it: `offline_record` plus how many Shape nodes read the inputs now, per graph)."""
+    optimized = {g: optimize_offline(model) for g, model in graphs.items()}
+    feeds = agreement_feeds(optimized["prefill"], info)
+    record = {**offline_record(), "shapes_from_inputs": {}}
+    for g, model in optimized.items():
+        rewritten, count = shapes_from_inputs(model)
+        rewritten = optimize_offline(rewritten)
+        if count and outputs_agree(model, rewritten, feeds[g]):
+            log(f"  {g}: {count} Shape nodes read the graph inputs; {len(model.graph.node)} -> "
+                f"{len(rewritten.graph.node)} nodes")
+            optimized[g], record["shapes_from_inputs"][g] = rewritten, count
+        elif count:
+            log(f"  {g}: shape rewrite changed the outputs; kept the graph without it (please report this)")
+    return optimized, record
+
+
+def agreement_feeds(prefill: onnx.ModelProto, info: ModelInfo) -> dict[str, list[dict]]:
+    """Inputs to compare two versions of each graph on: prompts of 1, 5 (left-padded, batch 2)
+    and up to 33 tokens; steps over the state the 5-token prefill left, at all C slots and at
+    the first 64 (the step takes any first S slots)."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    prompts = []
+    for batch, length in ((1, 1), (2, min(5, info.max_prompt)), (1, min(33, info.max_prompt))):
+        mask = np.ones((batch, length), np.int64)
+        mask[1:, :1] = 0
+        prompts.append({"input_ids": rng.integers(3, info.vocab_size, (batch, length)), "attention_mask": mask,
+                        "position_ids": np.clip(mask.cumsum(-1) - 1, 0, None)})
+    session = ort.InferenceSession(prefill.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    state = dict(zip(names, session.run(None, prompts[1])))
+    steps = []
+    for slots in sorted({info.capacity, min(64, info.capacity)}):
+        feed = {n: v[:, :, :slots] for n, v in state.items() if n != "logits"}
+        steps.append({**feed, "input_ids": rng.integers(3, info.vocab_size, (2, 1)),
+                      "position_ids": prompts[1]["position_ids"][:, -1:] + 1})
+    return {"prefill": prompts, "step": steps}
 
 
 def offline_record() -> dict:

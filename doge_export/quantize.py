@@ -152,7 +152,7 @@ def quantize_artifact(manifest, mode: str, log=print, block_size: int = BLOCK_SI
 
     from .manifest import Manifest
     from .onnx_weights import share_weights
-    from .ort_offline import offline_record, optimize_offline
+    from .ort_offline import optimize_graphs
 
     bits = MODES[mode]
     folder = manifest.folder
@@ -167,7 +167,7 @@ def quantize_artifact(manifest, mode: str, log=print, block_size: int = BLOCK_SI
         graphs = {g: quantize_model(onnx.load(str(fp32_dir / f"{g}.onnx")), bits, block_size) for g in GRAPHS}
         names = quantized_tensors(graphs["step"])
         log("optimizing the quantized graphs with onnxruntime (level extended, saved) ...")
-        graphs = {g: optimize_offline(model) for g, model in graphs.items()}
+        graphs, offline = optimize_graphs(graphs, manifest.info, log)
         manifest.data["weights"] = share_weights(graphs, folder, weights_file)
         for g, model in graphs.items():
             onnx.save(model, str(folder / f"{g}.onnx"))
@@ -180,7 +180,7 @@ def quantize_artifact(manifest, mode: str, log=print, block_size: int = BLOCK_SI
         "accuracy_level": ACCURACY_LEVEL,
         "method": "onnxruntime MatMulNBitsQuantizer (round to nearest) -> MatMulNBits; the tied embedding "
                   "reads the lm_head's packed bytes through GatherBlockQuantized",
-        "quantized": names, "offline_optimization": offline_record(),
+        "quantized": names, "offline_optimization": offline,
         "weights_bytes_fp32": fp32.data["weights"]["bytes"],
         "weights_bytes": manifest.data["weights"]["bytes"], "quality": quality,
         "parity": "not checked against PyTorch: quantized graphs are compared with the validated fp32 graphs",

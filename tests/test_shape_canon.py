@@ -1,0 +1,109 @@
+"""Shape arithmetic read from the graph inputs (shape_infer.py, shape_canon.py): what is known,
+what is rewritten, and that the rewritten graph computes the same at other sizes."""
+
+import numpy as np
+import onnx
+from onnx import TensorProto as T
+from onnx import helper as h
+from onnx import numpy_helper as nh
+
+from doge_export.ort_offline import optimize_offline
+from doge_export.quantize import quantize_model
+from doge_export.shape_canon import outputs_agree, shapes_from_inputs
+from doge_export.shape_infer import Mono, infer
+
+HIDDEN, HEADS = 16, 4
+
+
+def _attention_like(layers: int = 3) -> onnx.ModelProto:
+    """x [batch, T, 16] -> per layer: MatMul, view(B, T, 4, -1) from Shape(activation), transpose,
+    back to [B, T, 16]: the torch exporter's pattern, one Shape chain per layer."""
+    rng = np.random.default_rng(0)
+    nodes, inits, prev = [], [nh.from_array(np.array([HEADS, -1], np.int64), "heads"),
+                              nh.from_array(np.array([0, 1], np.int64), "first_two"),
+                              nh.from_array(np.array([-1], np.int64), "flat")], "x"
+    for i in range(layers):
+        inits.append(nh.from_array(rng.standard_normal((HIDDEN, HIDDEN)).astype(np.float32), f"w{i}"))
+        nodes += [
+            h.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"]),
+            h.make_node("Shape", [f"m{i}"], [f"s{i}"]),
+            h.make_node("Gather", [f"s{i}", "first_two"], [f"bt{i}"], axis=0),
+            h.make_node("Concat", [f"bt{i}", "heads"], [f"target{i}"], axis=0),
+            h.make_node("Reshape", [f"m{i}", f"target{i}"], [f"heads{i}"]),
+            h.make_node("Transpose", [f"heads{i}"], [f"t{i}"], perm=[0, 2, 1, 3]),
+            h.make_node("Transpose", [f"t{i}"], [f"back{i}"], perm=[0, 2, 1, 3]),
+            h.make_node("Concat", [f"bt{i}", "flat"], [f"merge{i}"], axis=0),
+            h.make_node("Reshape", [f"back{i}", f"merge{i}"], [f"out{i}"]),
+        ]
+        prev = f"out{i}"
+    x = h.make_tensor_value_info("x", T.FLOAT, ["batch", "seq", HIDDEN])
+    y = h.make_tensor_value_info(prev, T.FLOAT, ["batch", "seq", HIDDEN])
+    graph = h.make_graph(nodes, "attention_like", [x], [y], inits)
+    return h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+
+
+def test_monomials_multiply_and_divide_exactly():
+    bt = Mono(1, ("batch",)) * Mono(1, ("seq",))
+    assert (bt * Mono(16)).divide(bt * Mono(4)) == Mono(4)
+    assert Mono(16, ("seq",)).divide(Mono(1, ("batch",))) is None
+    assert Mono(6).divide(Mono(4)) is None
+    assert Mono(1, ("seq",)).symbol == "seq" and Mono(2, ("seq",)).symbol is None
+
+
+def test_shapes_follow_reshape_targets_built_from_shape_values():
+    facts = infer(_attention_like())
+    batch, seq = Mono(1, ("batch",)), Mono(1, ("seq",))
+    assert facts.shape("heads0") == [batch, seq, Mono(HEADS), Mono(HIDDEN // HEADS)]  # -1 inferred
+    assert facts.shape("out2") == [batch, seq, Mono(HIDDEN)]
+    assert facts.value("target1") == [batch, seq, Mono(HEADS), Mono(-1)]
+
+
+def test_unknowable_shapes_stay_unknown_and_are_not_rewritten():
+    """NonZero's output length depends on the data: its Shape must stay a Shape."""
+    nodes = [h.make_node("NonZero", ["x"], ["nz"]), h.make_node("Shape", ["nz"], ["s"]),
+             h.make_node("Shape", ["x"], ["sx"])]
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", T.FLOAT, ["n"])],
+                         [h.make_tensor_value_info("s", T.INT64, [2]), h.make_tensor_value_info("sx", T.INT64, [1])])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
+    assert infer(model).shape("nz") is None
+    rewritten, count = shapes_from_inputs(model)
+    assert count == 1
+    assert [n.op_type for n in rewritten.graph.node if n.output[0] in ("s", "sx")] == ["Shape", "Identity"]
+
+
+def _feeds(sizes):
+    rng = np.random.default_rng(1)
+    return [{"x": rng.standard_normal((b, t, HIDDEN)).astype(np.float32)} for b, t in sizes]
+
+
+def test_rewritten_shapes_merge_across_layers_and_compute_the_same():
+    model = _attention_like(layers=4)
+    rewritten, count = shapes_from_inputs(model)
+    assert count == 4
+    before, after = optimize_offline(model), optimize_offline(rewritten)
+    assert sum(n.op_type == "Shape" for n in after.graph.node) == 1  # one Shape(x), shared
+    assert len(after.graph.node) < len(before.graph.node)
+    assert outputs_agree(before, after, _feeds([(1, 1), (1, 7), (3, 5), (2, 64)]))
+
+
+def test_outputs_agree_notices_a_different_graph():
+    model = _attention_like(layers=2)
+    other = onnx.ModelProto()
+    other.CopyFrom(model)
+    w = next(t for t in other.graph.initializer if t.name == "w1")
+    w.CopyFrom(nh.from_array(nh.to_array(w) * 1.01, "w1"))  # other numbers, same interface
+    assert outputs_agree(model, model, _feeds([(1, 3)]))
+    assert not outputs_agree(model, other, _feeds([(1, 3)]))
+
+
+def test_quantized_doge_graphs_have_their_shapes_read_from_the_inputs(artifacts):
+    """The export's record: every Shape of the tiny model's graphs is read from the inputs, and the
+    saved graphs hold fewer nodes than ONNX Runtime's optimizer alone leaves."""
+    fp32 = artifacts("tiny", seed=2)[0]
+    manifest = artifacts("tiny", seed=2, quantize="int4")[0]
+    record = manifest.data["quantization"]["offline_optimization"]["shapes_from_inputs"]
+    for graph in ("prefill", "step"):
+        saved = onnx.load(str(manifest.graph_file(graph)), load_external_data=False)
+        plain = optimize_offline(quantize_model(onnx.load(str(fp32.graph_file(graph))), 4))
+        assert record[graph] == sum(n.op_type == "Shape" for n in plain.graph.node) > 0
+        assert len(saved.graph.node) < len(plain.graph.node)
