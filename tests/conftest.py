@@ -40,32 +40,61 @@ def artifacts(tmp_path_factory):
     return make
 
 
-def mapped_regions(path: Path, pid: int | str = "self") -> list[tuple[int, int]]:
-    """(file offset, resident KiB) of each region of process `pid`'s mappings of `path` (/proc/PID/smaps)."""
+def mapped_regions(path: Path, pid: int | str = "self") -> list[tuple[int, int, int]]:
+    """(file offset, bytes, resident KiB) of each region of process `pid`'s mappings of `path`
+    (/proc/PID/smaps)."""
     regions, current = [], False
     for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
         fields = line.split()
         if "-" in fields[0] and len(fields) >= 5:  # a mapping's header line: range perms offset dev inode [path]
             current = len(fields) >= 6 and Path(fields[5]) == Path(path).resolve()
             if current:
-                regions.append([int(fields[2], 16), 0])
+                start, end = (int(x, 16) for x in fields[0].split("-"))
+                regions.append([int(fields[2], 16), end - start, 0])
         elif current and fields[0] == "Rss:":
-            regions[-1][1] = int(fields[1])
+            regions[-1][2] = int(fields[1])
     return [tuple(r) for r in regions]
 
 
 def mapped_resident_kib(path: Path, pid: int | str = "self") -> int | None:
     """KiB of `path` resident in process `pid`'s mappings of it; None: not mapped."""
     regions = mapped_regions(path, pid)
-    return sum(kib for _, kib in regions) if regions else None
+    return sum(kib for *_, kib in regions) if regions else None
+
+
+def assert_gathered_rows_handed_back(generate_tokens, manifest, pid="self"):
+    """The gathered tables' rows the prefill read stay mapped until the first step hands them back;
+    the steps after it read (and keep) their own rows until the next drop, DROP_EVERY steps later."""
+    def resident():
+        return gathered_resident_kib(manifest, pid)
+
+    generate_tokens(1)  # prefill only
+    after_prefill = resident()
+    generate_tokens(2)  # prefill, one step: dropped
+    assert after_prefill > 0 and resident() == 0
+    generate_tokens(6)  # 5 steps: the first drops, 4 read rows again (a page per table at most)
+    tables = sum(1 for t in manifest.data["weights"]["tensors"] if t.get("gathered"))
+    assert 0 < resident() <= 4 * tables * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def gathered_resident_kib(manifest, pid: int | str = "self") -> int:
+    """KiB resident in the pages of weights.bin that the gathered tensors span."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    spans = _gathered_page_set(manifest)
+    path = manifest.path(manifest.data["weights"]["file"])
+    return sum(kib for offset, size, kib in mapped_regions(path, pid)
+               if all(p in spans for p in range(offset // page, (offset + size) // page)))
+
+
+def _gathered_page_set(manifest) -> set[int]:
+    page = os.sysconf("SC_PAGE_SIZE")
+    return {p for t in manifest.data["weights"]["tensors"] if t.get("gathered")
+            for p in range(t["offset"] // page, -(-(t["offset"] + t["length"]) // page))}
 
 
 def gathered_pages(manifest) -> int:
     """Pages of weights.bin the tensors listed as gathered span (each its own mapping region)."""
-    page = os.sysconf("SC_PAGE_SIZE")
-    spans = {p for t in manifest.data["weights"]["tensors"] if t.get("gathered")
-             for p in range(t["offset"] // page, -(-(t["offset"] + t["length"]) // page))}
-    return len(spans)
+    return len(_gathered_page_set(manifest))
 
 
 def saved_by_a_future_onnxruntime(source: Path, folder: Path) -> Path:

@@ -23,7 +23,7 @@ from doge_export.backends.torch import TorchRunner
 from doge_export.generate import GenerateConfig, decode_step, generate, prefill
 from doge_export.runtime import open_runner
 
-from conftest import (CROSSING, REPO, gathered_pages, mapped_regions, mapped_resident_kib, run_cli,
+from conftest import (CROSSING, REPO, assert_gathered_rows_handed_back, gathered_pages, mapped_regions, mapped_resident_kib, run_cli,
                       saved_by_a_future_onnxruntime)
 from parity import varied_prompts
 
@@ -141,8 +141,10 @@ def test_cpp_runs_quantized_weights_with_one_shared_packed_copy(doge_run, artifa
         # the tensors read a row at a time: one mapping region per page (no 64 KiB fault-around)
         assert len(mapped_regions(weights, server.process.pid)) >= gathered_pages(manifest) > 0
         assert server.generate(PROMPTS[:1], 8)["tokens"] == python_greedy(manifest, PROMPTS[:1], 8)[0]
+        assert_gathered_rows_handed_back(lambda n: server.generate(PROMPTS[:1], n), manifest, server.process.pid)
     finally:
         server.close()
+
 
 
 def test_cpp_names_the_onnxruntime_that_saved_graphs_it_cannot_load(doge_run, artifacts, tmp_path):

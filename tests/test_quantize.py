@@ -13,7 +13,7 @@ from onnx import TensorProto as T
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from conftest import (assert_user_error, gathered_pages, mapped_regions, mapped_resident_kib, run_cli,
+from conftest import (assert_gathered_rows_handed_back, assert_user_error, gathered_pages, mapped_regions, mapped_resident_kib, run_cli,
                       saved_by_a_future_onnxruntime)
 from doge_export.backends.ort import MappedWeights, OrtRunner
 from doge_export.errors import DogeExportError
@@ -111,6 +111,8 @@ def test_quantized_weights_are_mapped_and_handed_back_once_the_sessions_are_buil
         assert mapped_resident_kib(path) == 0
         again = generate(runner, [[5, 6, 7], [9, 10, 11]], config).tokens
     assert again == first
+    with OrtRunner(manifest) as runner:
+        assert_gathered_rows_handed_back(lambda n: generate(runner, [[5, 6, 7]], GenerateConfig(max_new_tokens=n, stop_ids=())), manifest)
     fp32 = artifacts("tiny", seed=2)[0]
     with OrtRunner(fp32) as runner:  # fp32 weights: read into memory (their unpacked kernels stream them)
         assert mapped_resident_kib(fp32.path(fp32.data["weights"]["file"])) is None
@@ -147,8 +149,12 @@ def test_gathered_tensors_are_mapped_a_page_per_region(artifacts, tmp_path):
     path.write_bytes(bytes(64 * page))
     mapped = MappedWeights(path, [{"offset": 0, "length": 64 * page}])
     int(mapped.array[10 * page + 100])  # one row
-    resident = [kib for _, kib in mapped_regions(path) if kib]
+    resident = [kib for *_, kib in mapped_regions(path) if kib]
     assert resident == [page // 1024]  # unsplit, fault-around mapped the cached pages around it too
+    # a one-page table between others: cut off from both neighbours
+    mapped = MappedWeights(path, [{"offset": 20 * page, "length": page}])
+    assert [(offset // page, size // page) for offset, size, _ in mapped_regions(path)
+            if offset // page == 20 and size == page]
 
 
 @pytest.mark.parametrize("quantize", ["int4", None])

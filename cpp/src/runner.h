@@ -48,6 +48,7 @@ class Runner {
  private:
   Ort::SessionOptions session_options(int threads, bool prepack, bool prefill) const;
   void load_weights();
+  void drop_gathered();
   void bind_prefill_outputs();
   void bind_step();
   Ort::Value state_view(const char* field, int64_t layer, int64_t width) const;
@@ -61,6 +62,11 @@ class Runner {
   ONNXTensorElementDataType state_type_, logits_type_;
   size_t elem_, logits_elem_;
   bool narrowing_ = false;
+  // Quantized weights: the gathered tables' mapped rows are handed back after the first step of a
+  // generation and then every kDropEvery steps (int4 Doge-20M, 128 + 256 tokens: peak RSS 40.5 ->
+  // 39.8 MiB; the tables' rows otherwise stay mapped once read). As DROP_EVERY in backends/ort.py.
+  static constexpr int64_t kDropEvery = 64;
+  int64_t steps_since_drop_ = 0;
   Ort::MemoryInfo cpu_;
   OrtPrepackedWeightsContainer* prepacked_ = nullptr;  // one packed copy for both sessions
   bool lm_rows_ = false;            // the rows-layout graphs run (§4)

@@ -1,5 +1,6 @@
 #include "weights.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <memory>
 #include <utility>
@@ -66,8 +67,16 @@ void MappedFile::release() const {
 // are never merged, so each page is a region of its own.
 void MappedFile::split_pages(uint64_t offset, uint64_t length) const {
   const uint64_t page = uint64_t(::sysconf(_SC_PAGESIZE));
-  for (uint64_t p = (offset / page) | 1; p < (offset + length + page - 1) / page; p += 2)
+  uint64_t first = offset / page, end = (offset + length + page - 1) / page, pages = (size_ + page - 1) / page;
+  // the odd pages from the one before to the one after: an even first or last page is cut off too
+  for (uint64_t p = (first > 0 ? first - 1 : 0) | 1; p < std::min(end + 1, pages); p += 2)
     ::madvise(data_ + p * page, page, MADV_RANDOM);
+}
+
+void MappedFile::drop(uint64_t offset, uint64_t length) const {
+  const uint64_t page = uint64_t(::sysconf(_SC_PAGESIZE));
+  uint64_t first = offset / page * page, end = std::min<uint64_t>(offset + length, size_);
+  if (data_ && end > first) ::madvise(data_ + first, end - first, MADV_DONTNEED);
 }
 
 Bytes read_weights(const std::string& path, uint64_t skip_offset, uint64_t skip_length) {

@@ -31,6 +31,8 @@ class MappedFile {
   // (fault-around), so a random prompt brought back nearly all of int4 Doge-20M's 5 MiB
   // embedding; split, only the pages of the rows read come back (peak RSS 46.4 -> 42.5 MiB).
   void split_pages(uint64_t offset, uint64_t length) const;
+  // The resident pages of [offset, offset + length) back to the page cache (the pages around it too)
+  void drop(uint64_t offset, uint64_t length) const;
 
  private:
   uint8_t* data_ = nullptr;

@@ -51,6 +51,12 @@ from .ort_rows import COLUMNS, ROWS, read_rows, rows_entry
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 STEP_THREADS = 1
 PACKED_BACKEND = "onnxruntime-packed"  # OrtRunner(pack_weights=True)
+# Quantized (mapped) weights: the rows of the gathered tables that the runs read go back to the
+# page cache after a generation's first step and then every DROP_EVERY steps (MappedWeights.drop).
+# Once read, a row otherwise stays mapped: int4 Doge-20M, 128 + 256 tokens, C++ runtime peak RSS
+# 40.5 -> 39.8 MiB. One drop walks every page-sized region of the tables (~1 ms for int4
+# Doge-20M), hence not every step.
+DROP_EVERY = 64
 
 
 def resolve_providers(provider: str) -> list[str]:
@@ -114,12 +120,23 @@ class MappedWeights:
             return
         page = mmap.PAGESIZE
         first, end = offset // page, -(-min(offset + length, len(self._map)) // page)  # the pages it touches
-        for p in range(first | 1, end, 2):
+        # the odd pages from the one before to the one after: an even first or last page is cut off too
+        for p in range(max(first - 1, 0) | 1, min(end + 1, -(-len(self._map) // page)), 2):
             self._map.madvise(mmap.MADV_RANDOM, p * page, page)
 
     def release(self) -> None:
         if hasattr(mmap, "MADV_DONTNEED"):  # POSIX; elsewhere the pages simply stay resident
             self._map.madvise(mmap.MADV_DONTNEED)
+
+    def drop(self, tensors: list[dict]) -> None:
+        """The resident pages of these tensors (rows the graphs gathered) back to the page cache."""
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        for t in tensors:
+            first = t["offset"] // mmap.PAGESIZE * mmap.PAGESIZE
+            end = min(t["offset"] + t["length"], len(self._map))
+            if end > first:
+                self._map.madvise(mmap.MADV_DONTNEED, first, end - first)
 
 
 def shared_initializers(manifest: Manifest, without: str | None = None,
@@ -242,6 +259,8 @@ class OrtRunner(Runner):
             self.name = PACKED_BACKEND
         self._weights: dict | None = None  # must outlive the sessions
         self._mapped: MappedWeights | None = None
+        self._gathered = [t for t in manifest.data["weights"]["tensors"] if t.get("gathered")]
+        self._steps_since_drop = 0
         if lm_layout not in ("auto", "rows", "columns"):
             raise DogeExportError(f"lm_layout {lm_layout!r}: choose auto, rows or columns")
         self._rows = rows_entry(manifest) if self._providers == ["CPUExecutionProvider"] else None
@@ -349,6 +368,7 @@ class OrtRunner(Runner):
         for name, array in (("input_ids", input_ids), ("attention_mask", attention_mask), ("position_ids", position_ids)):
             b.bind_cpu_input(name, np.ascontiguousarray(array, dtype=np.int64))
         self.prefill_session.run_with_iobinding(b)
+        self._steps_since_drop = DROP_EVERY  # the first step hands back the rows this prefill read
         self.state.after_prefill()
         self._narrowing = self.attend_filled  # for this generation: a change applies at the next prefill
         if self._narrowing:
@@ -367,6 +387,10 @@ class OrtRunner(Runner):
                                       f"batch {bound.shape[0]}, so it takes [{bound.shape[0]}, 1]")
             bound[...] = array
         self.step_session.run_with_iobinding(self._step_binding)
+        self._steps_since_drop += 1
+        if self._steps_since_drop > DROP_EVERY and self._mapped is not None:
+            self._mapped.drop(self._gathered)  # the gathered tables' rows read since: ~1 ms, so not every step
+            self._steps_since_drop = 0
         self.state.write_rows(self.rows, self.step_inputs["position_ids"])
         if self._narrowing and self.state.advance():
             self._bind_state_views()
