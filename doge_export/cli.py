@@ -177,15 +177,37 @@ def lint(
              as_json=as_json, log=progress)
 
 
-def main() -> None:
+def _click_errors():
+    """The exceptions module of the click that typer runs on (typer >= 0.2x vendors its own)."""
     try:
-        app()
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
+def main() -> None:
+    """Every user error, a bad flag or value included, is one `error:` line and exit status 1."""
+    errors = _click_errors()
+    try:
+        code = app(standalone_mode=False)  # click raises its usage errors instead of printing them
+    except errors.NoArgsIsHelpError as exc:  # bare `doge-export`: the help
+        exc.show()
+        sys.exit(0)
+    except errors.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx else "doge-export"
+        print(f"error: {exc.format_message()} (see `{command} --help`)", file=sys.stderr)
+        sys.exit(1)
+    except errors.ClickException as exc:
+        print(f"error: {exc.format_message()}", file=sys.stderr)
+        sys.exit(1)
     except DogeExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def print_json(data) -> None:

@@ -222,6 +222,16 @@ def check_output_file(path: Path | None, option: str) -> None:
         raise DogeExportError(f"cannot write {option} {path}: {e.strerror or e}; choose a writable path") from None
 
 
+def check_plot_format(plt, path: Path) -> None:
+    """matplotlib picks the format from the name's suffix: refuse one it cannot write."""
+    formats = plt.figure().canvas.get_supported_filetypes()
+    plt.close("all")
+    suffix = Path(path).suffix.lstrip(".").lower()
+    if suffix not in formats:
+        raise DogeExportError(f"--plot {path}: matplotlib cannot write {('.' + suffix) if suffix else 'a name without a suffix'};"
+                              f" use .png (or {', '.join('.' + f for f in sorted(formats) if f != 'png')})")
+
+
 def run_bench_command(artifact: Path, *, backends: str, json_out, plot, log, **options) -> None:
     import shlex
 
@@ -232,7 +242,7 @@ def run_bench_command(artifact: Path, *, backends: str, json_out, plot, log, **o
     check_output_file(json_out, "--json")
     check_output_file(plot, "--plot")
     if plot:
-        require_matplotlib()  # before the run, not after it
+        check_plot_format(require_matplotlib(), plot)  # before the run, not after it
     report = run_bench(artifact, cfg, log=log)
     report["command"] = shlex.join(["doge-export", *sys.argv[1:]])
     print(format_table(report))

@@ -125,6 +125,8 @@ def load_manifest(folder: str | Path, *, verify: bool = True) -> Manifest:
 
 
 def check_schema(data: dict, path: Path) -> None:
+    if not isinstance(data, dict):
+        raise DogeExportError(f"{path} is not a doge-export manifest (a JSON {type(data).__name__}, not an object)")
     if data.get("schema") != SCHEMA:
         raise DogeExportError(f"{path} is not a doge-export manifest (schema {data.get('schema')!r})")
     version = data.get("schema_version")
@@ -134,6 +136,50 @@ def check_schema(data: dict, path: Path) -> None:
             f"{SCHEMA_VERSION}. Re-export the artifact with this version, or use the doge-export "
             "release that wrote it"
         )
+    problems = structure_problems(data)
+    if problems:
+        raise DogeExportError(f"{path} is malformed ({'; '.join(problems)}); re-export the artifact")
+
+
+POSITIVE_INFO = ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "head_dim", "capacity",
+                 "keep_window_size", "max_prompt", "max_context")
+
+
+def structure_problems(data: dict) -> list[str]:
+    """What a runtime reads before anything else, checked for presence and type: an edited or
+    truncated manifest gets a clear error instead of a KeyError somewhere downstream."""
+    problems = []
+    for key, kind in (("files", dict), ("model_info", dict), ("graphs", dict), ("weights", dict)):
+        if not isinstance(data.get(key), kind):
+            problems.append(f"{key!r} missing or not an object")
+    if problems:
+        return problems
+    for name, entry in data["files"].items():
+        if not _inside_folder(name):
+            problems.append(f"file {name!r} is not a plain name inside the artifact folder")
+        elif not (isinstance(entry, dict) and isinstance(entry.get("sha256"), str) and _is_int(entry.get("bytes"))):
+            problems.append(f"files[{name!r}] needs a sha256 string and a bytes count")
+    info = data["model_info"]
+    problems += [f"model_info.{k} must be a positive integer" for k in POSITIVE_INFO if not (_is_int(info.get(k)) and info[k] > 0)]
+    if not isinstance(info.get("dtype", "float32"), str):
+        problems.append("model_info.dtype must be a string")
+    for graph in ("prefill", "step"):
+        entry = data["graphs"].get(graph)
+        if not (isinstance(entry, dict) and isinstance(entry.get("file"), str) and _inside_folder(entry["file"])):
+            problems.append(f"graphs.{graph}.file missing or outside the artifact folder")
+    weights = data["weights"]
+    if not (isinstance(weights.get("file"), str) and _inside_folder(weights["file"]) and isinstance(weights.get("tensors"), list)):
+        problems.append("weights needs a file inside the artifact folder and a tensors list")
+    return problems
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _inside_folder(name) -> bool:
+    """A relative path that stays inside the folder (no absolute path, no `..`)."""
+    return isinstance(name, str) and bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts
 
 
 def verify_files(manifest: Manifest) -> None:

@@ -93,6 +93,10 @@ def test_bench_refuses_unwritable_outputs_before_running(tiny, tmp_path):
     assert_user_error(result, "cannot write --json", "writable path")
     assert "decoding" not in result.stderr  # refused before any backend ran
     assert_user_error(run_cli("bench", str(tiny.folder), "--plot", str(tmp_path)), "--plot", "is a folder")
+    if importlib.util.find_spec("matplotlib"):  # a name matplotlib has no writer for: before the run too
+        result = run_cli("bench", str(tiny.folder), "--plot", str(tmp_path / "plot.txt"))
+        assert_user_error(result, "cannot write .txt", "use .png")
+        assert "decoding" not in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 

@@ -163,6 +163,43 @@ def test_unknown_schema_version(tmp_path, small):
     assert_user_error(run_cli("generate", str(art), "--input-ids", "1,2,3"), "schema version 99")
 
 
+@pytest.mark.parametrize("edit, expected", [
+    (lambda d: [], "not an object"),
+    (lambda d: d.pop("files") and d, "'files' missing"),
+    (lambda d: d.pop("model_info") and d, "'model_info' missing"),
+    (lambda d: d["model_info"].update(vocab_size="abc") or d, "model_info.vocab_size must be a positive integer"),
+    (lambda d: d["files"].update({"../../etc/hostname": {"sha256": "0", "bytes": 1}}) or d, "inside the artifact folder"),
+])
+def test_an_edited_manifest_is_a_clear_error(tmp_path, small, edit, expected):
+    """Its files are checksummed, the manifest itself is not: a missing key or a wrong type must
+    still be one line, and no listed file may lie outside the folder."""
+    art = tmp_path / "edited"
+    shutil.copytree(small, art)
+    data = edit(json.loads((art / "doge_export.json").read_text()))
+    (art / "doge_export.json").write_text(json.dumps(data))
+    for command in ("generate", "inspect"):
+        args = [command, str(art)] + (["--input-ids", "1,2,3"] if command == "generate" else [])
+        assert_user_error(run_cli(*args), expected)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["generate", "art", "--max-new-tokens", "abc"], "Invalid value for '--max-new-tokens'"),
+    (["generate", "art", "--bogus"], "No such option: --bogus"),
+    (["onnx"], "Missing option '--model'"),
+    (["generate", "a", "b"], "unexpected extra argument"),
+    (["nosuchcommand"], "No such command"),
+])
+def test_bad_flags_and_values_are_one_error_line(args, expected):
+    """Usage errors too: one `error:` line naming the command's --help, exit 1 (not click's box, exit 2)."""
+    result = run_cli(*args)
+    assert_user_error(result, expected, "--help`")
+
+
+def test_bare_command_prints_the_help():
+    result = run_cli()
+    assert result.returncode == 0 and "Usage" in result.stdout and "generate" in result.stdout
+
+
 def test_prompt_longer_than_max_prompt(small):
     ids = ",".join(str(i) for i in range(3, 12))  # 9 > max prompt 8
     assert_user_error(run_cli("generate", str(small), "--input-ids", ids), "max prompt length 8")
