@@ -106,17 +106,34 @@ def refuse_quantized_parity(manifest) -> None:
         )
 
 
+def check_validate_options(backend: str, decode_steps: int, greedy_steps: int, atol: float | None) -> None:
+    if backend == "torch":
+        raise DogeExportError("--backend torch is the PyTorch reference itself; validate onnxruntime, "
+                              "onnxruntime-packed or tensorrt against it")
+    for option, value in (("--decode-steps", decode_steps), ("--greedy-steps", greedy_steps)):
+        if value < 1:
+            raise DogeExportError(f"{option} must be at least 1, got {value}")
+    if atol is not None and not atol > 0:
+        raise DogeExportError(f"--atol must be greater than 0, got {atol}")
+
+
 def run_validate(artifact: Path, *, backend: str, model, decode_steps: int, greedy_steps: int,
                  atol: float, as_json: bool, log) -> None:
     from .validate import ValidateConfig
 
+    check_validate_options(backend, decode_steps, greedy_steps, atol)
     manifest = load_manifest(artifact)
     refuse_quantized_parity(manifest)
     cfg = ValidateConfig(decode_steps=decode_steps, greedy_steps=greedy_steps, atol=atol)
     ties = []
     reports = validate_graphs(manifest, backend, torch_reference(manifest, model, tie_log=ties), cfg, ties, log)
-    manifest.data["validation"] = {**(manifest.data.get("validation") or {}), **reports}
-    manifest.save()
+    if model is None:  # the record is the artifact's own: against its source model, with these settings
+        settings = {"decode_steps": decode_steps, "greedy_steps": greedy_steps, "atol": atol}
+        manifest.data["validation"] = {**(manifest.data.get("validation") or {}),
+                                       **{name: {**report, "settings": settings} for name, report in reports.items()}}
+        manifest.save()
+    else:
+        log(f"not recorded in the manifest: the reference was --model {model}, not the artifact's source")
     if as_json:
         shown = {**reports[backend], "passed": not all_failures(reports)}  # "passed": every graph checked
         print(json.dumps(shown | ({"rows_layout": reports[ROWS_BACKEND]} if ROWS_BACKEND in reports else {}), indent=2))

@@ -45,6 +45,22 @@ def test_export_generate_validate_inspect_roundtrip(tmp_path):
     assert report["passed"] is True and report["rows_layout"]["passed"] is True
     shown = run_cli("inspect", str(out))
     assert shown.returncode == 0 and "8 slots" in shown.stdout
+    # against another model: reported, not recorded over the artifact's own record
+    other = run_cli("validate", str(out), "--model", "random:tiny-moe")
+    assert other.returncode == 1 and "not recorded in the manifest" in other.stderr
+    assert json.loads((out / "doge_export.json").read_text())["validation"]["onnxruntime"]["passed"] is True
+    recorded = json.loads((out / "doge_export.json").read_text())["validation"]["onnxruntime"]["settings"]
+    assert recorded == {"decode_steps": 16, "greedy_steps": 32, "atol": None}
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--backend", "torch"], "the PyTorch reference itself"),
+    (["--decode-steps", "0"], "--decode-steps must be at least 1"),
+    (["--greedy-steps", "-1"], "--greedy-steps must be at least 1"),
+    (["--atol", "-1"], "--atol must be greater than 0"),
+])
+def test_validate_refuses_settings_that_check_nothing(small, args, expected):
+    assert_user_error(run_cli("validate", str(small), *args), expected)
 
 
 def readme_quickstart_commands() -> list[list[str]]:
