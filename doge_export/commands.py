@@ -22,6 +22,7 @@ def run_export(model: str, out: Path, *, seed: int, overrides: list[str], max_co
     config = ExportConfig(max_context=max_context, max_prompt=max_prompt, full_logits=full_logits, exporter=exporter,
                           dtype=dtype, quantize=quantize, quant_block=quant_block)
     prepare_out_dir(Path(out), force)  # fail before the (slow) model load
+    check_tokenizer_dir(tokenizer)
     log(f"loading {model} ...")
     loaded = load_model(model, seed=seed, allow_pickle=allow_pickle, overrides=parse_overrides(overrides))
     check = (lambda manifest: validate_manifest(manifest, loaded.model, log)) if validate else None
@@ -30,6 +31,17 @@ def run_export(model: str, out: Path, *, seed: int, overrides: list[str], max_co
     info = manifest.info
     log(f"wrote {out}: prefill + step graphs, state {info.num_layers} layers x {info.capacity} slots, "
         f"max prompt {info.max_prompt}, max context {info.max_context}")
+
+
+def check_tokenizer_dir(tokenizer) -> None:
+    """--tokenizer: a folder with tokenizer.json, checked before the export rather than after it."""
+    if tokenizer is None:
+        return
+    path = Path(tokenizer).expanduser()
+    if not path.is_dir():
+        raise DogeExportError(f"--tokenizer '{tokenizer}' is not a folder; give the folder that holds tokenizer.json")
+    if not (path / "tokenizer.json").is_file():
+        raise DogeExportError(f"--tokenizer '{tokenizer}' has no tokenizer.json")
 
 
 ROWS_BACKEND = "onnxruntime-rows"  # the validation entry of the rows-layout graphs (manifest "lm_rows")
@@ -97,12 +109,12 @@ def all_failures(reports: dict) -> list[str]:
 
 def refuse_quantized_parity(manifest) -> None:
     if manifest.quantized:
-        q = manifest.quantization.get("quality") or {}
+        from .inspect_cmd import quantization_text
+
         raise DogeExportError(
             f"artifact '{manifest.folder}' has {manifest.quantized} weights, which are never checked for parity "
-            f"against PyTorch (its quality vs the validated fp32 graphs is recorded in the manifest: top-1 "
-            f"agreement {q.get('top1_agreement')}, max |dlogit| {q.get('max_abs_dlogit')}); validate an "
-            "fp32 export instead (`doge-export onnx` without --quantize)"
+            f"against PyTorch (recorded instead: {quantization_text(manifest)}); validate an fp32 export "
+            "instead (`doge-export onnx` without --quantize)"
         )
 
 

@@ -106,6 +106,14 @@ def test_missing_model_dir(tmp_path):
     result = run_cli("onnx", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "out"))
     assert_user_error(result, "does not exist")
     assert no_leftovers(tmp_path, "out")
+    assert_user_error(run_cli("inspect", "--model", str(tmp_path / "nope")), "does not exist")  # not a hub id
+
+
+def test_missing_tokenizer_is_refused_before_the_export(tmp_path):
+    for tokenizer, expected in ((tmp_path / "nope", "is not a folder"), (tmp_path, "has no tokenizer.json")):
+        result = run_cli("onnx", "--model", "random:tiny", "--out", str(tmp_path / "out"), "--tokenizer", str(tokenizer))
+        assert_user_error(result, expected)
+        assert "loading" not in result.stderr and no_leftovers(tmp_path, "out")
 
 
 def test_config_that_is_not_doge(tmp_path):

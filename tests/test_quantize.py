@@ -172,7 +172,12 @@ def test_a_truncated_weights_file_is_a_clear_error_mapped_or_read(artifacts, tmp
 
 def test_quantized_artifact_refuses_parity_validation(artifacts):
     manifest, _ = artifacts("tiny", seed=2, quantize="int8")
-    assert_user_error(run_cli("validate", str(manifest.folder)), "never checked for parity", "top-1")
+    assert_user_error(run_cli("validate", str(manifest.folder)), "never checked for parity", "top-1 agreement")
+    shown = run_cli("inspect", str(manifest.folder))  # inspect names the quantization and its quality
+    q = manifest.data["quantization"]["quality"]
+    assert shown.returncode == 0 and f"int8 (block 32), top-1 agreement {q['top1_agreement']:.1%}" in shown.stdout
+    as_json = json.loads(run_cli("inspect", str(manifest.folder), "--json").stdout)
+    assert as_json["quantization"]["mode"] == "int8" and as_json["quantization"]["steps"] == q["steps"]
 
 
 def test_quantized_artifact_refuses_a_tensorrt_build(artifacts):
