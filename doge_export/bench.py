@@ -45,7 +45,9 @@ class BenchConfig:
     def __post_init__(self):
         unknown = [b for b in self.backends if b not in BACKENDS]
         if unknown or not self.backends:
-            raise DogeExportError(f"unknown backend(s) {unknown or '(none)'}; choose from {', '.join(BACKENDS)}")
+            raise DogeExportError(f"unknown backend(s) {', '.join(unknown) or '(none)'}; choose from {', '.join(BACKENDS)}")
+        if len(set(self.backends)) != len(self.backends):
+            raise DogeExportError(f"--backends names a backend twice ({','.join(self.backends)}); each runs once")
         for name in ("batch", "prompt_len", "repeats"):
             if getattr(self, name) < 1:
                 raise DogeExportError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

@@ -123,6 +123,11 @@ def _import_libraries(backend: str) -> None:
         from .backends import trt  # noqa: F401  (ImportError: reported, the backend is skipped)
 
 
+def _reason(exc: Exception) -> str:
+    """A user error's own message; anything else with its type (it is a bug or a library's error)."""
+    return str(exc) if isinstance(exc, DogeExportError) else f"{type(exc).__name__}: {exc}"
+
+
 def _worker(conn, backend: str, folder: str, threads: int | None, batch: int, spin: bool) -> None:
     try:
         manifest = load_manifest(folder, verify=False)
@@ -137,7 +142,7 @@ def _worker(conn, backend: str, folder: str, threads: int | None, batch: int, sp
         conn.send(("ready", {"load_seconds": time.perf_counter() - start, "baseline_rss_mb": baseline,
                              "library_rss_mb": baseline - imported, **weights}))
     except Exception as exc:  # reported to the parent, which skips this backend
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        conn.send(("error", _reason(exc)))
         return
     while True:
         command, payload = conn.recv()
@@ -154,7 +159,7 @@ def _worker(conn, backend: str, folder: str, threads: int | None, batch: int, sp
             run = _timed_probe if command == "probe" else _TIMED.get(backend, _timed_generate)
             conn.send(("ok", run(runner, *payload)))
         except Exception as exc:
-            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+            conn.send(("error", _reason(exc)))
 
 
 def _timed_generate(runner, prompts: np.ndarray, new_tokens: int) -> dict:

@@ -159,6 +159,9 @@ def generation_config(manifest, *, greedy, temperature, top_k, top_p, repetition
     """CLI options over the checkpoint's generation_config; greedy when neither says otherwise."""
     if max_new_tokens < 1:
         raise DogeExportError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    vocab = manifest.info.vocab_size
+    if bad := [i for i in stop_ids or () if not 0 <= i < vocab]:
+        raise DogeExportError(f"--stop-id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
     defaults = manifest.data.get("generation_defaults") or {}
     sampling = [v for v in (temperature, top_k, top_p) if v is not None]
     if greedy and sampling:
@@ -176,6 +179,8 @@ def generation_config(manifest, *, greedy, temperature, top_k, top_p, repetition
 
 def run_generate(artifact: Path, prompts, input_ids, *, chat, system, backend, provider, threads,
                  as_json, spin=False, **options) -> None:
+    if threads is not None and threads < 1:
+        raise DogeExportError(f"--threads must be at least 1, got {threads}")
     manifest = load_manifest(artifact)
     cfg = generation_config(manifest, **options)
     ids, tokenizer = prompts_to_ids(manifest, list(prompts), list(input_ids), chat=chat, system=system)

@@ -91,13 +91,13 @@ def parse_overrides(items: list[str]) -> dict:
 
 
 def parse_ids(text: str) -> list[int]:
+    items = text.replace(" ", "").strip(",").split(",")
+    if items == [""]:
+        raise DogeExportError("--input-ids is empty; give at least one token id")
     try:
-        ids = [int(t) for t in text.replace(" ", "").split(",") if t != ""]
+        return [int(t) for t in items]  # an empty item (0,,3) is an error, not skipped
     except ValueError:
         raise DogeExportError(f"--input-ids expects comma-separated integers like 0,3,17; got {text!r}") from None
-    if not ids:
-        raise DogeExportError("--input-ids is empty; give at least one token id")
-    return ids
 
 
 def load_tokenizer(manifest: Manifest):
@@ -115,6 +115,8 @@ def prompts_to_ids(manifest: Manifest, prompts: list[str], input_ids: list[str],
     if prompts and input_ids:
         raise DogeExportError("give either --prompt or --input-ids, not both")
     if input_ids:
+        if chat or system:
+            raise DogeExportError("--chat and --system apply to --prompt text; --input-ids are used as given")
         return [parse_ids(t) for t in input_ids], tokenizer
     if not prompts:
         raise DogeExportError("nothing to generate from: pass --prompt TEXT or --input-ids 0,3,17")

@@ -98,6 +98,7 @@ def test_bench_refuses_unwritable_outputs_before_running(tiny, tmp_path):
         assert_user_error(result, "cannot write .txt", "use .png")
         assert "decoding" not in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+    assert_user_error(run_cli("bench", str(tiny.folder), "--backends", "onnxruntime,onnxruntime"), "a backend twice")
 
 
 def test_bench_writes_into_new_folders_and_marks_unmeasured_ratios(tiny, tmp_path):

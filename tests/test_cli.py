@@ -252,6 +252,16 @@ def test_text_prompt_without_tokenizer(small):
     assert_user_error(run_cli("generate", str(small), "--prompt", "hello"), "no tokenizer", "--input-ids")
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["--input-ids", "0,,3"], "comma-separated integers"),
+    (["--input-ids", "0,3", "--chat"], "--chat and --system apply to --prompt"),
+    (["--input-ids", "0,3", "--stop-id", "-1"], "--stop-id -1 is outside the vocabulary"),
+    (["--input-ids", "0,3", "--threads", "0"], "--threads must be at least 1"),
+])
+def test_generate_refuses_what_it_would_silently_ignore(small, args, expected):
+    assert_user_error(run_cli("generate", str(small), *args), expected)
+
+
 def test_malformed_input_ids(small):
     assert_user_error(run_cli("generate", str(small), "--input-ids", "5,x"), "comma-separated integers")
 
