@@ -30,10 +30,12 @@ def prepare_out_dir(out_dir: Path, force: bool) -> None:
     if not out_dir.exists():
         _check_creatable(out_dir)
         return
-    if not force:
-        raise DogeExportError(f"output folder '{out_dir}' already exists; pass --force to replace it")
     if out_dir.is_file():
         raise DogeExportError(f"'{out_dir}' is a file, not a folder; choose another --out")
+    if not any(out_dir.iterdir()):  # an empty folder holds nothing to lose
+        return
+    if not force:
+        raise DogeExportError(f"output folder '{out_dir}' already exists; pass --force to replace it")
     if any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
         raise DogeExportError(
             f"refusing to replace '{out_dir}': it is not empty and not a doge-export artifact folder"

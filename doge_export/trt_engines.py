@@ -240,7 +240,8 @@ def run_lint(path: Path, *, flavor: str, compute_capability: str, batch: int, st
         results = {path.name: lint_file(path, step=step, **options)}
     else:
         raise DogeExportError(f"'{path}' is neither an artifact folder nor an .onnx file")
-    stage = f"{real} parser + build for {compute_capability}" if real else "skipped (no TensorRT importable)"
+    stage = (f"{real} parser + build for {compute_capability}" if real else
+             "skipped (--flavor none)" if flavor == "none" else "skipped (no TensorRT importable)")
     if as_json:
         import json
 

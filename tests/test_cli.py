@@ -139,6 +139,12 @@ def test_output_dir_that_exists(tmp_path, small):
     # --force replaces artifact folders only, never a folder of other files
     assert_user_error(run_cli("onnx", "--model", "random:tiny", "--out", str(out), "--force"), "not a doge-export")
     assert (out / "mine.txt").read_text() == "user data"
+    assert_user_error(run_cli("onnx", "--model", "random:tiny", "--out", str(out / "mine.txt")), "is a file")
+    empty = tmp_path / "empty"  # an empty folder holds nothing to lose: used as it is
+    empty.mkdir()
+    result = run_cli("onnx", "--model", "random:tiny", "--out", str(empty), "--no-validate")
+    assert result.returncode == 0, result.stderr
+    assert (empty / "doge_export.json").is_file()
 
 
 def test_output_dir_that_cannot_be_created(tmp_path):
