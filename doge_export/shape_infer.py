@@ -115,8 +115,8 @@ def numel(shape: Dims | None) -> Mono | None:
 def reshaped(data: Dims | None, target: Dims | None, allowzero: int) -> Dims | None:
     if target is None:
         return None
-    out = [data[i] if (t == Mono(0) and not allowzero and data is not None and i < len(data)) else t
-           for i, t in enumerate(target)]
+    copy = lambda i: data[i] if data is not None and i < len(data) else None  # noqa: E731  (0: copy the input's dim)
+    out = [copy(i) if t == Mono(0) and not allowzero else t for i, t in enumerate(target)]
     if Mono(-1) in out:
         rest = [d for d in out if d != Mono(-1)]
         total, known = numel(data), numel(rest)

@@ -152,8 +152,9 @@ def _sliced_dim(dim: Mono | None, start: int, end: int, step: int) -> Mono | Non
 
 def _reduce(node, facts):
     data = facts.shape(node.input[0])
-    axes = facts.ints(node.input[1]) if len(node.input) > 1 and node.input[1] else attr(node, "axes")
-    if data is None:
+    axes_input = len(node.input) > 1 and node.input[1]
+    axes = facts.ints(node.input[1]) if axes_input else attr(node, "axes")
+    if data is None or (axes_input and axes is None):  # axes computed at run time: unknown
         return [None]
     axes = {normal_axis(a, len(data)) for a in (axes if axes is not None else range(len(data)))}
     if node.op_type == "ArgMax" or node.op_type == "ArgMin":

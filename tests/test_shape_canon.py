@@ -66,6 +66,14 @@ def test_unknowable_shapes_stay_unknown_and_are_not_rewritten():
                          [h.make_tensor_value_info("s", T.INT64, [2]), h.make_tensor_value_info("sx", T.INT64, [1])])
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
     assert infer(model).shape("nz") is None
+    # what is copied from or reduced over an unknown is unknown too, never a guess
+    more = [h.make_node("Reshape", ["nz", "copy_first"], ["copied"]),
+            h.make_node("ReduceSum", ["x", "runtime_axes"], ["reduced"])]
+    probe = h.make_model(h.make_graph(
+        nodes + more, "g", [h.make_tensor_value_info("x", T.FLOAT, ["n"]), h.make_tensor_value_info("runtime_axes", T.INT64, [1])],
+        [h.make_tensor_value_info("copied", T.INT64, None), h.make_tensor_value_info("reduced", T.FLOAT, None)],
+        [nh.from_array(np.array([0, -1], np.int64), "copy_first")]), opset_imports=[h.make_opsetid("", 17)])
+    assert infer(probe).shape("copied") == [None, None] and infer(probe).shape("reduced") is None
     rewritten, count = shapes_from_inputs(model)
     assert count == 1
     assert [n.op_type for n in rewritten.graph.node if n.output[0] in ("s", "sx")] == ["Shape", "Identity"]
