@@ -53,8 +53,10 @@ class BenchConfig:
                 raise DogeExportError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.new_tokens < 2:
             raise DogeExportError(f"--new-tokens must be >= 2 (decode needs a second token), got {self.new_tokens}")
-        if self.warmup < 0 or (self.threads is not None and self.threads < 1):
-            raise DogeExportError("--warmup must be >= 0 and --threads >= 1")
+        if self.warmup < 0:
+            raise DogeExportError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.threads is not None and self.threads < 1:
+            raise DogeExportError(f"--threads must be >= 1, got {self.threads}")
 
 
 def check_artifact(manifest, cfg: BenchConfig) -> None:
@@ -65,8 +67,9 @@ def check_artifact(manifest, cfg: BenchConfig) -> None:
             f"{info.max_prompt}, max context {info.max_context}); lower --prompt-len/--new-tokens"
         )
     if cfg.probe_to and not PROBE_PROMPT + 2 * PROBE_WINDOW <= cfg.probe_to <= info.max_context:
-        raise DogeExportError(f"--probe-to must be in [{PROBE_PROMPT + 2 * PROBE_WINDOW}, {info.max_context}] "
-                              f"for this artifact, got {cfg.probe_to}")
+        raise DogeExportError(f"--probe-to must be from {PROBE_PROMPT + 2 * PROBE_WINDOW} (its {PROBE_PROMPT}-token "
+                              f"prompt and two {PROBE_WINDOW}-step windows) to this artifact's max context "
+                              f"{info.max_context}, got {cfg.probe_to}")
 
 
 # ---------------------------------------------------------------- memory bandwidth

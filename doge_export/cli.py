@@ -68,7 +68,8 @@ def generate(
     stop_id: List[int] = typer.Option([], help="Stop token id; repeat for several \\[eos]"),
     seed: Optional[int] = typer.Option(None, help="Sampling seed"),
     backend: str = typer.Option("onnxruntime", help="onnxruntime, onnxruntime-packed (fp32: faster, one more copy "
-                                "of the weights in memory), torch or tensorrt"),
+                                "of the weights in memory), torch, tensorrt, or onnx-reference (onnx's own evaluator: "
+                                "slow, tiny models only)"),
     provider: str = typer.Option("cpu", help="ONNX Runtime provider: cpu, cuda or auto"),
     threads: Optional[int] = typer.Option(None, help="ONNX Runtime intra-op threads"),
     spin: bool = typer.Option(False, help=SPIN_HELP),

@@ -56,7 +56,7 @@ class ExportConfig:
             raise DogeExportError("--quant-block sets the block of --quantize int8|int4; add --quantize, "
                                   "or drop --quant-block")
         if self.exporter not in EXPORTERS:
-            raise DogeExportError(f"unknown exporter {self.exporter!r}; choose one of {EXPORTERS}")
+            raise DogeExportError(f"unknown exporter {self.exporter!r}; choose one of {', '.join(EXPORTERS)}")
         for name in ("max_context", "max_prompt"):
             value = getattr(self, name)
             if value is not None and value < 1:

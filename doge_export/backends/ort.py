@@ -64,7 +64,7 @@ def resolve_providers(provider: str) -> list[str]:
     if provider == "auto":
         return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
     if provider not in PROVIDERS:
-        raise DogeExportError(f"unknown provider {provider!r}; choose one of {sorted(PROVIDERS)} or auto")
+        raise DogeExportError(f"unknown provider {provider!r}; choose one of {', '.join(sorted(PROVIDERS))} or auto")
     wanted = PROVIDERS[provider]
     if wanted not in available:
         raise DogeExportError(
