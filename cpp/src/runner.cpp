@@ -244,6 +244,7 @@ const std::vector<float>& Runner::prefill(const std::vector<int64_t>& ids, const
   prefill_binding_->BindInput("input_ids", in_ids);
   prefill_binding_->BindInput("attention_mask", in_mask);
   prefill_binding_->BindInput("position_ids", in_pos);
+  if (steps_since_drop_ > 0) drop_gathered();  // the rows the last generation's steps left
   prefill_->Run(Ort::RunOptions{nullptr}, *prefill_binding_);
   steps_since_drop_ = kDropEvery;  // the first step hands back the rows this prefill read
   state_->after_prefill();
