@@ -192,7 +192,7 @@ def main() -> None:
     errors = _click_errors()
     try:
         code = app(standalone_mode=False)  # click raises its usage errors instead of printing them
-    except errors.NoArgsIsHelpError as exc:  # bare `doge-export`: the help
+    except getattr(errors, "NoArgsIsHelpError", ()) as exc:  # bare `doge-export`: the help (click >= 8.2)
         exc.show()
         sys.exit(0)
     except errors.UsageError as exc:
