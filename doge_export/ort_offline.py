@@ -15,7 +15,7 @@ batch dimension stays free: no dimension is specialized here.
 Before the graphs are saved, their shape arithmetic is rewritten to read the graph inputs
 (shape_canon.py) and optimized again: the per-layer copies then merge. Measured on int4 Doge-20M
 (2026-12-03): prefill 1526 -> 850 nodes, session 6.6 -> 4.0 MiB; step 772 -> 592 nodes, 3.9 ->
-3.2 MiB; the C++ runtime's peak RSS 42.4 -> 40.6 MiB. The rewrite is kept only where both graphs
+3.2 MiB; the C++ runtime's peak RSS 42.5 -> 40.4 MiB. The rewrite is kept only where both graphs
 give the same outputs on a few prompts and states (`optimize_graphs`).
 
 Only quantized artifacts get this: their graphs run on ONNX Runtime's CPU kernels only, while

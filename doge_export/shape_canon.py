@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .shape_infer import Dims, Mono, infer
+from .shape_infer import Mono, infer
 
 PREFIX = "shape_of_input"
 
@@ -32,11 +32,12 @@ def shapes_from_inputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     facts = infer(model)
     sources = _named_dims(model)
     builder = _Builder(model, sources)
+    inputs = {v.name for v in model.graph.input}
     rewritten = 0
-    for node in model.graph.node:
-        if node.op_type != "Shape" or node.domain not in ("", "ai.onnx"):
+    for node in model.graph.node:  # a Shape of a graph input already reads it: left as it is
+        if node.op_type != "Shape" or node.domain not in ("", "ai.onnx") or node.input[0] in inputs:
             continue
-        dims = _read_dims(node, facts.shape(node.input[0]))
+        dims = facts.value(node.output[0])  # the dimensions it outputs (start/end applied)
         if dims and all(d is not None and (d.const is not None or d.symbol in sources) for d in dims):
             builder.replace(node, dims)
             rewritten += 1
@@ -58,14 +59,6 @@ def _named_dims(model: onnx.ModelProto) -> dict[str, tuple[str, int]]:
             if dim.dim_param and dim.dim_param not in sources:
                 sources[dim.dim_param] = (value.name, axis)
     return sources
-
-
-def _read_dims(node: onnx.NodeProto, shape: Dims | None) -> Dims | None:
-    """The dimensions a Shape node outputs (its start/end attributes applied)."""
-    if shape is None:
-        return None
-    attrs = {a.name: a.i for a in node.attribute}
-    return shape[slice(*slice(attrs.get("start", 0), attrs.get("end", len(shape))).indices(len(shape)))]
 
 
 class _Builder:

@@ -53,7 +53,7 @@ STEP_THREADS = 1
 PACKED_BACKEND = "onnxruntime-packed"  # OrtRunner(pack_weights=True)
 # Quantized (mapped) weights: the rows of the gathered tables that the runs read go back to the
 # page cache after a generation's first step, then every DROP_EVERY steps, and before a prefill
-# that follows steps (MappedWeights.drop). Once read, a row otherwise stays mapped, and the next
+# that follows steps (MappedWeights.drop_gathered). Once read, a row otherwise stays mapped, and the next
 # prompt's rows add to it: int4 Doge-20M, four 128 + 256-token generations, C++ runtime peak RSS
 # 40.9 -> 40.1 MiB. One drop walks every page-sized region of the tables (~1 ms for int4
 # Doge-20M), hence not every step.
@@ -111,7 +111,8 @@ class MappedWeights:
                 raise DogeExportError(f"{path} is empty; re-export the artifact")
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         self.array = np.frombuffer(self._map, np.uint8)
-        for t in gathered:
+        self._gathered = list(gathered)
+        for t in self._gathered:
             self.split_pages(t["offset"], t["length"])
 
     def split_pages(self, offset: int, length: int) -> None:
@@ -129,11 +130,11 @@ class MappedWeights:
         if hasattr(mmap, "MADV_DONTNEED"):  # POSIX; elsewhere the pages simply stay resident
             self._map.madvise(mmap.MADV_DONTNEED)
 
-    def drop(self, tensors: list[dict]) -> None:
-        """The resident pages of these tensors (rows the graphs gathered) back to the page cache."""
+    def drop_gathered(self) -> None:
+        """The resident pages of the gathered tensors (rows the graphs read) back to the page cache."""
         if not hasattr(mmap, "MADV_DONTNEED"):
             return
-        for t in tensors:
+        for t in self._gathered:
             first = t["offset"] // mmap.PAGESIZE * mmap.PAGESIZE
             end = min(t["offset"] + t["length"], len(self._map))
             if end > first:
@@ -260,7 +261,6 @@ class OrtRunner(Runner):
             self.name = PACKED_BACKEND
         self._weights: dict | None = None  # must outlive the sessions
         self._mapped: MappedWeights | None = None
-        self._gathered = [t for t in manifest.data["weights"]["tensors"] if t.get("gathered")]
         self._steps_since_drop = 0
         if lm_layout not in ("auto", "rows", "columns"):
             raise DogeExportError(f"lm_layout {lm_layout!r}: choose auto, rows or columns")
@@ -295,6 +295,12 @@ class OrtRunner(Runner):
                                                   batch=batch, spin=self._spin)
             self._release_mapped()
         self.session_batch = batch
+
+    def _drop_gathered(self) -> None:
+        """The gathered tables' rows read since the last drop go back (mapped weights only)."""
+        if self._mapped is not None:
+            self._mapped.drop_gathered()
+        self._steps_since_drop = 0
 
     def _release_mapped(self) -> None:
         if self._mapped is not None:
@@ -368,8 +374,8 @@ class OrtRunner(Runner):
         b = self._prefill_binding
         for name, array in (("input_ids", input_ids), ("attention_mask", attention_mask), ("position_ids", position_ids)):
             b.bind_cpu_input(name, np.ascontiguousarray(array, dtype=np.int64))
-        if self._steps_since_drop and self._mapped is not None:  # the rows the last generation's steps left
-            self._mapped.drop(self._gathered)
+        if self._steps_since_drop:  # the rows the last generation's steps left
+            self._drop_gathered()
         self.prefill_session.run_with_iobinding(b)
         self._steps_since_drop = DROP_EVERY  # the first step hands back the rows this prefill read
         self.state.after_prefill()
@@ -391,9 +397,8 @@ class OrtRunner(Runner):
             bound[...] = array
         self.step_session.run_with_iobinding(self._step_binding)
         self._steps_since_drop += 1
-        if self._steps_since_drop > DROP_EVERY and self._mapped is not None:
-            self._mapped.drop(self._gathered)  # the gathered tables' rows read since: ~1 ms, so not every step
-            self._steps_since_drop = 0
+        if self._steps_since_drop > DROP_EVERY:  # ~1 ms a drop, so not every step
+            self._drop_gathered()
         self.state.write_rows(self.rows, self.step_inputs["position_ids"])
         if self._narrowing and self.state.advance():
             self._bind_state_views()
