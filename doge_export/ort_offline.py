@@ -31,6 +31,7 @@ import numpy as np
 import onnx
 
 from .shape_canon import outputs_agree, shapes_from_inputs
+from .shape_const import constant_operands
 from .spec import ModelInfo
 
 LEVEL = "extended"
@@ -57,20 +58,29 @@ def optimize_offline(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def optimize_graphs(graphs: dict[str, onnx.ModelProto], info: ModelInfo, log=print) -> tuple[dict, dict]:
     """{"prefill", "step"} -> (the same optimized and with shared shape arithmetic, the manifest's
-    record of it: `offline_record` plus how many Shape nodes read the inputs now, per graph)."""
+    record of it: `offline_record` plus, per graph, how many Shape nodes read the inputs now and
+    how many shape operands became constants)."""
     optimized = {g: optimize_offline(model) for g, model in graphs.items()}
     feeds = agreement_feeds(optimized["prefill"], info)
-    record = {**offline_record(), "shapes_from_inputs": {}}
+    record = {**offline_record(), "shapes_from_inputs": {}, "constant_operands": {}}
     for g, model in optimized.items():
-        rewritten, count = shapes_from_inputs(model)
-        rewritten = optimize_offline(rewritten)
-        if count and outputs_agree(model, rewritten, feeds[g]):
-            log(f"  {g}: {count} Shape nodes read the graph inputs; {len(model.graph.node)} -> "
-                f"{len(rewritten.graph.node)} nodes")
-            optimized[g], record["shapes_from_inputs"][g] = rewritten, count
-        elif count:
+        rewritten, read, constants = _shared_shapes(model)
+        if (read or constants) and outputs_agree(model, rewritten, feeds[g]):
+            log(f"  {g}: {read} Shape nodes read the graph inputs, {constants} shape operands are constants; "
+                f"{len(model.graph.node)} -> {len(rewritten.graph.node)} nodes")
+            optimized[g] = rewritten
+            record["shapes_from_inputs"][g], record["constant_operands"][g] = read, constants
+        elif read or constants:
             log(f"  {g}: shape rewrite changed the outputs; kept the graph without it (please report this)")
     return optimized, record
+
+
+def _shared_shapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int, int]:
+    """-> (`model` with its Shape nodes reading the inputs, then its shape operands constant where
+    they can be, optimized again; how many Shape nodes; how many operands)."""
+    rewritten, read = shapes_from_inputs(model)
+    rewritten, constants = constant_operands(optimize_offline(rewritten))
+    return optimize_offline(rewritten), read, constants
 
 
 def agreement_feeds(prefill: onnx.ModelProto, info: ModelInfo) -> dict[str, list[dict]]:

@@ -148,7 +148,7 @@ def _constant_node(node: onnx.NodeProto) -> onnx.TensorProto | None:
 
 def infer(model: onnx.ModelProto) -> Facts:
     """Shapes (and small int values) of every tensor of `model`'s main graph, in node order."""
-    from .shape_rules import SHAPE_RULES, values_of  # the rules build on this module's types
+    from .shape_rules import SHAPE_RULES, value_dtype, values_of  # the rules build on this module's types
 
     facts = Facts()
     for value in model.graph.input:
@@ -168,4 +168,5 @@ def infer(model: onnx.ModelProto) -> Facts:
         for name, value in zip(node.output, values_of(node, facts)):
             if value is not None and len(value) <= MAX_VALUES:
                 facts.values[name] = value
+                facts.dtypes[name] = value_dtype(node, facts)
     return facts

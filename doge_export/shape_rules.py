@@ -335,6 +335,21 @@ VALUE_RULES = {
 }
 
 
+def value_dtype(node, facts) -> int | None:
+    """The element type of a value rule's output: Shape gives int64, Cast its `to`, Equal bool,
+    Where its second operand's, ConstantOfShape its fill's, the others their first operand's."""
+    if node.op_type == "Shape":
+        return onnx.TensorProto.INT64
+    if node.op_type == "Cast":
+        return attr(node, "to")
+    if node.op_type == "Equal":
+        return onnx.TensorProto.BOOL
+    if node.op_type == "ConstantOfShape":
+        fill = attr(node, "value")
+        return onnx.TensorProto.FLOAT if fill is None else fill.data_type
+    return facts.dtypes.get(node.input[1 if node.op_type == "Where" else 0])
+
+
 def values_of(node, facts) -> list[Dims | None]:
     if node.domain not in ("", "ai.onnx"):
         return []

@@ -210,6 +210,16 @@ def test_cpp_names_a_folder_that_is_not_an_artifact(doge_run, tmp_path):
     assert_cpp_error(result, "is not an artifact folder")
 
 
+@pytest.mark.parametrize("content, message", [("[1, 2]", "holds a JSON array, not a manifest"),
+                                              ("{", "is not valid JSON"),
+                                              ('{"schema": "doge-export/artifact"}', "not a doge-export artifact")])
+def test_cpp_names_a_manifest_that_is_not_one(doge_run, artifacts, tmp_path, content, message):
+    copy = tmp_path / "edited"
+    shutil.copytree(artifacts("tiny", seed=0)[0].folder, copy)
+    (copy / "doge_export.json").write_text(content)
+    assert_cpp_error(run_cpp(doge_run, copy, PROMPTS[:1], 4), message)
+
+
 def assert_cpp_error(result: subprocess.CompletedProcess, fragment: str) -> None:
     assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()

@@ -88,6 +88,9 @@ Manifest load_manifest(const std::string& folder, bool verify) {
     throw UserError(manifest.path("doge_export.json") + " is not valid JSON (" + e.what() + "); re-export the artifact");
   }
   const json& m = manifest.data;
+  if (!m.is_object())
+    throw UserError(manifest.path("doge_export.json") + " holds a JSON " + m.type_name() +
+                    ", not a manifest (an object); re-export the artifact");
   if (m.value("schema", "") != "doge-export/artifact" || m.value("schema_version", 0) != 1)
     throw UserError(folder + ": not a doge-export artifact of schema version 1");
   try {
